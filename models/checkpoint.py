@@ -1,0 +1,221 @@
+"""Hugging Face checkpoints: config.json + *.safetensors (single or sharded), HF DeepSeek tensor names.
+
+Safetensors only, never pickle. Every error names the tensor or the config field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MLAConfig
+from .mla import MLAForCausalLM
+from .rope import inv_freq_and_factor
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or cannot be read; the message names the tensor."""
+
+
+def tensor_table(cfg: MLAConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The one name table: HF tensor name -> (shape, the config fields that set it)."""
+    C, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    R, Dr, I = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.intermediate_size
+    t = {"model.embed_tokens.weight": ((V, C), "vocab_size, hidden_size"),
+         "model.norm.weight": ((C,), "hidden_size")}
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = ((V, C), "vocab_size, hidden_size")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = ((C,), "hidden_size")
+        t[p + "post_attention_layernorm.weight"] = ((C,), "hidden_size")
+        a = p + "self_attn."
+        if cfg.q_lora_rank is None:
+            t[a + "q_proj.weight"] = ((H * cfg.qk_head_dim, C), "q_lora_rank=null, num_attention_heads, qk_nope_head_dim, qk_rope_head_dim")
+        else:
+            Q = cfg.q_lora_rank
+            t[a + "q_a_proj.weight"] = ((Q, C), "q_lora_rank, hidden_size")
+            t[a + "q_a_layernorm.weight"] = ((Q,), "q_lora_rank")
+            t[a + "q_b_proj.weight"] = ((H * cfg.qk_head_dim, Q), "num_attention_heads, qk_nope_head_dim, qk_rope_head_dim, q_lora_rank")
+            if cfg.attention_bias:
+                t[a + "q_a_proj.bias"] = ((Q,), "attention_bias, q_lora_rank")
+        t[a + "kv_a_proj_with_mqa.weight"] = ((R + Dr, C), "kv_lora_rank, qk_rope_head_dim, hidden_size")
+        t[a + "kv_a_layernorm.weight"] = ((R,), "kv_lora_rank")
+        t[a + "kv_b_proj.weight"] = ((H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R), "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank")
+        t[a + "o_proj.weight"] = ((C, H * cfg.v_head_dim), "hidden_size, num_attention_heads, v_head_dim")
+        if cfg.attention_bias:
+            t[a + "kv_a_proj_with_mqa.bias"] = ((R + Dr,), "attention_bias, kv_lora_rank, qk_rope_head_dim")
+            t[a + "o_proj.bias"] = ((C,), "attention_bias, hidden_size")
+        m = p + "mlp."
+        t[m + "gate_proj.weight"] = ((I, C), "intermediate_size, hidden_size")
+        t[m + "up_proj.weight"] = ((I, C), "intermediate_size, hidden_size")
+        t[m + "down_proj.weight"] = ((C, I), "hidden_size, intermediate_size")
+    return t
+
+
+def _ignorable(name: str, cfg: MLAConfig) -> bool:
+    """Tensors a real checkpoint may carry that the dense decoder does not use."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if name.startswith("model.layers.") and cfg.extra.get("num_nextn_predict_layers"):
+        idx = name.split(".")[2]
+        return idx.isdigit() and int(idx) >= cfg.num_hidden_layers  # DeepSeek-V3 multi-token-prediction layers
+    return False
+
+
+def _shard_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from the index (sharded) or the single file's header."""
+    from safetensors import safe_open
+
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        files = {n: model_dir / f for n, f in weight_map.items()}
+        for n, f in files.items():
+            if not f.is_file():
+                raise CheckpointError(f"shard {f.name} (holding tensor {n!r}) listed in {INDEX_FILE} is missing")
+        return files
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded, convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"no *.safetensors weights in {model_dir}{hint}")
+    files = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                files.update({n: shard for n in f.keys()})
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{shard} is not a readable safetensors file: {e}") from None
+    return files
+
+
+def read_state_dict(model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor the config implies; errors name the tensor and the config fields."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    table = tensor_table(cfg)
+    files = _shard_files(model_dir)
+    present = {n for n in files if not _ignorable(n, cfg)}
+    missing = [n for n in table if n not in present]
+    unexpected = sorted(present - set(table))
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # some exporters write the tied copy too
+    if missing or unexpected:
+        hints = []
+        if cfg.q_lora_rank is None and any(".q_a_proj." in n for n in unexpected):
+            hints.append("config says q_lora_rank=null but the weights have q_a_proj/q_b_proj: config contradicts weights")
+        if cfg.q_lora_rank is not None and any(".q_proj." in n for n in unexpected):
+            hints.append(f"config says q_lora_rank={cfg.q_lora_rank} but the weights have q_proj: config contradicts weights")
+        if "lm_head.weight" in missing:
+            hints.append("lm_head.weight is missing: should tie_word_embeddings be true?")
+        if any(".mlp.experts." in n or ".mlp.gate." in n for n in unexpected):
+            hints.append("the weights hold MoE experts but the config is dense")
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"checkpoint {model_dir} does not match its config: " + "; ".join(parts + hints))
+
+    by_file: dict[Path, list[str]] = {}
+    for n in table:
+        by_file.setdefault(files[n], []).append(n)
+    state = {}
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for n in names:
+                    t = f.get_tensor(n)
+                    shape, fields = table[n]
+                    if tuple(t.shape) != shape:
+                        raise CheckpointError(
+                            f"tensor {n!r} has shape {tuple(t.shape)} but the config ({fields}) implies {shape}: "
+                            "config contradicts weights")
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"tensor {n!r} has dtype {t.dtype}; expected a float tensor")
+                    state[n] = t.to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path.name}: {e}") from None
+    return state
+
+
+def load_model(model_dir: str | Path, attention: str = "absorbed", dtype: torch.dtype = torch.float32) -> MLAForCausalLM:
+    """config.json + safetensors -> MLAForCausalLM in eval mode."""
+    cfg = MLAConfig.from_pretrained(model_dir)
+    state = read_state_dict(model_dir, cfg, dtype)
+    with torch.device("meta"):
+        model = MLAForCausalLM(cfg, attention)
+    model.to_empty(device="cpu")
+    model = model.to(dtype)
+    model.inv_freq = inv_freq_and_factor(cfg)[0]  # not in checkpoints; to_empty left it uninitialised
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def save_model(model: MLAForCausalLM, out_dir: str | Path, dtype: str = "float32", max_shard_bytes: int | None = None,
+               extra_files: dict[str, Path] | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes) atomically: a temp dir, then rename."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    table = tensor_table(model.cfg)
+    sd = model.state_dict()
+    tensors = {n: sd[n].detach().to(DTYPES[dtype]).contiguous() for n in table}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for n, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][n] = t
+        size += nbytes
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        cfg_dict = model.cfg.to_dict()
+        cfg_dict["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for k, shard in enumerate(shards, 1):
+                fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if out_dir.exists():
+            backup = out_dir.with_name(out_dir.name + ".old")
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+

@@ -1,0 +1,244 @@
+"""The one architecture config: a frozen dataclass read from a Hugging Face config.json.
+
+Torch-free on purpose: the CLI, the exporter's manifest and the budget planner read it without torch.
+Field names are Hugging Face's (DeepSeek-V2/V3, MiniCPM3), so a config.json maps field for field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "minicpm3")
+
+
+class ConfigError(ValueError):
+    """A config.json that we cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (the only scaling DeepSeek and our exports use)."""
+
+    rope_type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_interleave: bool = True
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # Only used for the GQA comparison in the cache contract; MLA itself has no KV heads.
+    num_key_value_heads: int | None = None
+    # MiniCPM3 scalings; the DeepSeek defaults make them no-ops.
+    scale_emb: float = 1.0
+    scale_depth: float | None = None
+    dim_model_base: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def residual_scale(self) -> float:
+        if self.scale_depth is None:
+            return 1.0
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    @property
+    def logits_scale(self) -> float:
+        """Hidden states are divided by this before the LM head (MiniCPM3); 1.0 for DeepSeek."""
+        if self.dim_model_base is None:
+            return 1.0
+        return self.hidden_size / self.dim_model_base
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLAConfig":
+        return _from_hf(d)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "MLAConfig":
+        path = Path(model_dir)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {Path(model_dir)}: is this a Hugging Face model folder?")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        return _from_hf(data)
+
+    def to_dict(self) -> dict:
+        """A Hugging Face-style config.json dict that `from_dict` reads back to an equal config."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_scaling", "rope_theta")}
+        d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**dataclasses.asdict(self.rope_scaling), "rope_theta": self.rope_theta}
+            rope = {k: v for k, v in rope.items() if v is not None}
+        d["rope_parameters"] = rope
+        if self.num_key_value_heads is None:
+            d.pop("num_key_value_heads")
+        if self.model_type != "minicpm3":
+            for k in ("scale_emb", "scale_depth", "dim_model_base"):
+                d.pop(k)
+        # dense-only: tell HF-style loaders that no layer is MoE
+        d["first_k_dense_replace"] = self.num_hidden_layers
+        d["architectures"] = [_ARCH[self.model_type]]
+        return {**self.extra, **d}
+
+
+_ARCH = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "minicpm3": "MiniCPM3ForCausalLM"}
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+
+
+def _rope(d: dict) -> tuple[float, RopeScaling | None]:
+    """Read rope_theta and YaRN from either the v5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+    params = d.get("rope_parameters") or {}
+    legacy = d.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise ConfigError("rope_parameters / rope_scaling must be JSON objects")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    merged = {**legacy, **params}
+    rtype = merged.get("rope_type", merged.get("type", "default"))
+    if rtype in (None, "default"):
+        return float(theta), None
+    if rtype != "yarn":
+        raise ConfigError(f"rope_scaling type {rtype!r} is not supported (supported: default, yarn)")
+    orig = merged.get("original_max_position_embeddings")
+    if orig is None:
+        raise ConfigError("rope_scaling (yarn) needs original_max_position_embeddings")
+    factor = merged.get("factor")
+    if factor is None:
+        factor = d.get("max_position_embeddings", orig) / orig
+    rs = RopeScaling(
+        rope_type="yarn",
+        factor=float(factor),
+        original_max_position_embeddings=int(orig),
+        beta_fast=float(merged.get("beta_fast") or 32),
+        beta_slow=float(merged.get("beta_slow") or 1),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        attention_factor=merged.get("attention_factor"),
+        truncate=bool(merged.get("truncate", True)),
+    )
+    return float(theta), rs
+
+
+def _check_dense(d: dict) -> None:
+    n_layers = d["num_hidden_layers"]
+    routed = d.get("n_routed_experts")
+    first_dense = d.get("first_k_dense_replace", 0 if d.get("model_type") == "deepseek_v2" else 3)
+    if routed and first_dense < n_layers:
+        raise ConfigError(
+            f"MoE configs are not supported yet: first_k_dense_replace={first_dense} < num_hidden_layers={n_layers} "
+            f"with n_routed_experts={routed} puts routed experts on layers {first_dense}..{n_layers - 1}. "
+            "Set first_k_dense_replace >= num_hidden_layers (or n_routed_experts to 0) for a dense model."
+        )
+
+
+def _from_hf(d: dict) -> MLAConfig:
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model_type {mt!r} is not an MLA model we support (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    for k in _REQUIRED:
+        if d.get(k) is None:
+            raise ConfigError(f"config field {k!r} is missing")
+        if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] <= 0:
+            raise ConfigError(f"config field {k!r} must be a positive integer, got {d[k]!r}")
+    _check_dense(d)
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+    theta, rs = _rope(d)
+    if d["qk_rope_head_dim"] % 2:
+        raise ConfigError(f"config field 'qk_rope_head_dim' must be even, got {d['qk_rope_head_dim']}")
+    q_lora = d.get("q_lora_rank")
+    if q_lora is not None and (not isinstance(q_lora, int) or q_lora <= 0):
+        raise ConfigError(f"config field 'q_lora_rank' must be null or a positive integer, got {q_lora!r}")
+    v_head = d.get("v_head_dim") or d["hidden_size"] // d["num_attention_heads"]
+    eos = d.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    # DeepSeek-V2 always rotates interleaved pairs; MiniCPM3 always rotates halves; V3 says which.
+    interleave = {"deepseek_v2": True, "minicpm3": False}.get(mt, bool(d.get("rope_interleave", True)))
+    minicpm = mt == "minicpm3"
+    known = {f.name for f in dataclasses.fields(MLAConfig)}
+    cfg = MLAConfig(
+        model_type=mt,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"],
+        qk_rope_head_dim=d["qk_rope_head_dim"],
+        v_head_dim=int(v_head),
+        q_lora_rank=q_lora,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=rs,
+        rope_interleave=interleave,
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", minicpm)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=d.get("pad_token_id"),
+        num_key_value_heads=d.get("num_key_value_heads"),
+        # MiniCPM3's class defaults match openbmb/MiniCPM3-4B; null means no-op.
+        scale_emb=float(d.get("scale_emb", 12) or 1.0) if minicpm else 1.0,
+        scale_depth=(d.get("scale_depth", 1.4) if minicpm else None),
+        dim_model_base=(d.get("dim_model_base", 256) if minicpm else None),
+        extra={k: v for k, v in d.items() if k not in known and k not in ("rope_parameters", "rope_scaling")},
+    )
+    return cfg

@@ -1,0 +1,200 @@
+"""The MLA decoder (DeepSeek-V2/V3 dense, MiniCPM3) in PyTorch, with the latent cache passed in and out.
+
+Shapes: B batch, S new tokens, P past tokens, T = P + S, H heads, Dn/Dr/Dv nope/rope/value head dims,
+R kv_lora_rank, C hidden size. Einsum letters: b s t h, d (qk nope), r (rope), v (value), c (latent).
+
+Module and parameter names equal the Hugging Face DeepSeek names, so a state_dict is a checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MLAConfig
+from .rope import apply_rope, cos_sin, inv_freq_and_factor
+
+LatentCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (c_kv (B,P,R), k_pe (B,P,Dr))
+ATTENTION_FORMS = ("naive", "absorbed")
+MASK_MIN = torch.finfo(torch.float32).min  # finite: -inf would give NaN rows that live on in the cache
+
+
+def empty_cache(cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32) -> LatentCache:
+    return [(torch.zeros(batch, 0, cfg.kv_lora_rank, dtype=dtype), torch.zeros(batch, 0, cfg.qk_rope_head_dim, dtype=dtype))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def attention_allowed(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """attention_mask (B, T) of 1/0 over past+new tokens -> allowed (B, S, T): causal in cache order, pads masked.
+    Causality is by cache index, so a prefill after a non-empty past (chunked prefill) is right."""
+    total = attention_mask.shape[1]
+    key = torch.arange(total, device=attention_mask.device)
+    query = key[total - seq:]
+    causal = key[None, :] <= query[:, None]  # (S, T)
+    return causal[None] & attention_mask[:, None, :].bool()
+
+
+def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """RoPE positions for the last `seq` tokens of a left-padded batch: real tokens count from 0, pads get 0."""
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos[:, -seq:]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MLAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: MLAConfig, attention: str = "absorbed"):
+        super().__init__()
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
+        self.cfg, self.attention = cfg, attention
+        H, C, bias = cfg.num_attention_heads, cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, C, bias=bias)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK (H, Dn, R) folds into the query, W_UV (H, Dv, R) into the output."""
+        cfg = self.cfg
+        w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+
+    def forward(self, x, cos, sin, allowed, c_past, pe_past):
+        """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T); c_past (B,P,R); pe_past (B,P,Dr).
+        Returns out (B,S,C) and the new latent c_kv (B,T,R), k_pe (B,T,Dr)."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        H, Dn = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, H, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin, cfg.rope_interleave)  # (B,S,H,Dn), (B,S,H,Dr)
+
+        kv = self.kv_a_proj_with_mqa(x)
+        c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
+        pe_new = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
+        c_kv = torch.cat([c_past, c_new], dim=1)  # (B,T,R)
+        k_pe = torch.cat([pe_past, pe_new], dim=1)  # (B,T,Dr)
+
+        scores_pe = torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        if self.attention == "naive":  # decompress per-head K/V from the latent
+            kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + cfg.v_head_dim)
+            k_nope, v = kv_full[..., :Dn], kv_full[..., Dn:]  # (B,T,H,Dn), (B,T,H,Dv)
+            scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + scores_pe
+        else:  # attend over the latent: W_UK folded into q, W_UV applied after
+            w_uk, w_uv = self.absorbed_weights()
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # (B,S,H,R)
+            scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv) + scores_pe
+        scores = scores * cfg.softmax_scale
+        scores = torch.where(allowed[:, :, None, :], scores, MASK_MIN)
+        probs = scores.float().softmax(dim=-1).to(x.dtype)  # (B,S,H,T)
+        if self.attention == "naive":
+            out = torch.einsum("bsht,bthv->bshv", probs, v)
+        else:
+            o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv)
+            out = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
+        return self.o_proj(out.reshape(B, S, H * cfg.v_head_dim)), c_kv, k_pe
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MLAConfig, attention: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, attention)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.residual_scale = cfg.residual_scale
+
+    def forward(self, h, cos, sin, allowed, c_past, pe_past):
+        a, c_kv, k_pe = self.self_attn(self.input_layernorm(h), cos, sin, allowed, c_past, pe_past)
+        h = h + a * self.residual_scale
+        h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        return h, c_kv, k_pe
+
+
+class MLABody(nn.Module):
+    def __init__(self, cfg: MLAConfig, attention: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MLAForCausalLM(nn.Module):
+    """forward(input_ids, position_ids, attention_mask, cache) -> (logits, new_cache); nothing is kept inside."""
+
+    def __init__(self, cfg: MLAConfig, attention: str = "absorbed"):
+        super().__init__()
+        self.cfg = cfg
+        self.model = MLABody(cfg, attention)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.rope_factor = inv_freq_and_factor(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def attention(self) -> str:
+        return self.model.layers[0].self_attn.attention
+
+    def set_attention(self, attention: str) -> "MLAForCausalLM":
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
+        for layer in self.model.layers:
+            layer.self_attn.attention = attention
+        return self
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
+        """Final-normed hidden states (B,S,C) and the new cache; `forward` adds the LM head."""
+        cfg = self.cfg
+        B, S = input_ids.shape
+        if cache is None:
+            cache = empty_cache(cfg, B, self.lm_head.weight.dtype)
+        P = cache[0][0].shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + S, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (torch.arange(S, device=input_ids.device) + P)[None].expand(B, S)
+        cos, sin = cos_sin(self.inv_freq, self.rope_factor, position_ids)
+        allowed = attention_allowed(attention_mask, S)
+        h = self.model.embed_tokens(input_ids)
+        if cfg.scale_emb != 1.0:
+            h = h * cfg.scale_emb
+        new_cache: LatentCache = []
+        for layer, (c_past, pe_past) in zip(self.model.layers, cache):
+            h, c_kv, k_pe = layer(h, cos, sin, allowed, c_past, pe_past)
+            new_cache.append((c_kv, k_pe))
+        return self.model.norm(h), new_cache
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
+        h, new_cache = self.hidden_states(input_ids, position_ids, attention_mask, cache)
+        if self.cfg.logits_scale != 1.0:
+            h = h / self.cfg.logits_scale
+        return self.lm_head(h), new_cache

@@ -1,0 +1,62 @@
+"""Decoupled RoPE for MLA's rope dims: plain or YaRN frequencies, interleaved-pair or half rotation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import MLAConfig, yarn_mscale
+
+
+def inv_freq_and_factor(cfg: MLAConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin multiplier (YaRN's attention factor)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    extrapolated = 1.0 / (base ** exponents)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return extrapolated, 1.0
+
+    interpolated = extrapolated / rs.factor
+
+    # YaRN: keep high-frequency dims (many rotations within the original context) as they are,
+    # interpolate low-frequency dims, and ramp linearly in between.
+    def dim_for_rotations(n_rot: float) -> float:
+        return dim * math.log(rs.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for_rotations(rs.beta_fast), dim_for_rotations(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (original frequency), 0 = interpolate
+    inv_freq = interpolated * (1 - keep) + extrapolated * keep
+
+    factor = rs.attention_factor
+    if factor is None:
+        if rs.mscale and rs.mscale_all_dim:
+            factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+        else:
+            factor = yarn_mscale(rs.factor)
+    return inv_freq, float(factor)
+
+
+def cos_sin(inv_freq: torch.Tensor, factor: float, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, S) -> cos, sin (B, S, rope_dim // 2)."""
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
+    return freqs.cos() * factor, freqs.sin() * factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x (..., S, D) or (B, S, H, D) by (B, S, D/2) angles. Output is in half-rotation layout:
+    [rotated first members..., rotated second members...]; for interleaved pairs that de-interleaves."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    if x.dim() == 4:  # (B, S, H, D): broadcast the angles over heads
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

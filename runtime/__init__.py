@@ -1,0 +1,1 @@
+"""mla_edge.runtime: torch-free cached generation with onnxruntime."""

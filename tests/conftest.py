@@ -1,0 +1,51 @@
+"""Tiny seeded checkpoints built with transformers' own classes: the reference oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, max_position_embeddings=256, num_key_value_heads=4,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.707}
+
+
+def hf_model(kind: str = "deepseek_v3", q_lora_rank=None, rope_interleave=True, yarn=False, tie=False, seed=0, **over):
+    """A transformers reference model with weights scaled up so that logits are O(1), not O(0.01)."""
+    import transformers as tf
+
+    kw = {**TINY, "q_lora_rank": q_lora_rank, "tie_word_embeddings": tie, **over}
+    kw["rope_parameters"] = dict(YARN) if yarn else {"rope_type": "default", "rope_theta": 10000.0}
+    if kind == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(**kw, rope_interleave=rope_interleave, first_k_dense_replace=kw["num_hidden_layers"])
+        cls = tf.DeepseekV3ForCausalLM
+    elif kind == "deepseek_v2":
+        cfg = tf.DeepseekV2Config(**kw, first_k_dense_replace=kw["num_hidden_layers"])
+        cls = tf.DeepseekV2ForCausalLM
+    elif kind == "minicpm3":
+        cfg = tf.MiniCPM3Config(**kw, scale_emb=3.0, scale_depth=1.4, dim_model_base=16)
+        cls = tf.MiniCPM3ForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5 if "embed" not in name else 0.5))
+    return model
+
+
+def save_hf(model, path, **kw):
+    model.save_pretrained(str(path), **kw)
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """A saved tiny DeepseekV3 checkpoint (q LoRA on, YaRN on)."""
+    return save_hf(hf_model(q_lora_rank=12, yarn=True), tmp_path / "tiny")

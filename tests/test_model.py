@@ -1,0 +1,96 @@
+"""Internal agreement of the decoder: two attention forms, cached vs uncached, chunked prefill, left padding."""
+import pytest
+import torch
+
+from mla_edge.models.config import MLAConfig
+from mla_edge.models.mla import MLAForCausalLM, positions_from_mask
+
+from conftest import TINY
+
+
+def tiny(attention="absorbed", seed=0, **over):
+    d = {"model_type": "deepseek_v3", **TINY, "q_lora_rank": 12, "first_k_dense_replace": 2,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}, **over}
+    torch.manual_seed(seed)
+    m = MLAForCausalLM(MLAConfig.from_dict(d), attention).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5) if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    return m
+
+
+def ids(b, s, seed=0):
+    return torch.randint(3, 97, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_naive_equals_absorbed():
+    m = tiny()
+    x = ids(2, 24)
+    a, ca = m.set_attention("absorbed")(x)
+    n, cn = m.set_attention("naive")(x)
+    assert (a - n).abs().max().item() <= 1e-5
+    assert torch.equal(ca[0][0], cn[0][0]) and torch.equal(ca[0][1], cn[0][1])  # layer 0's latent: same ops
+    for (c1, p1), (c2, p2) in zip(ca, cn):
+        torch.testing.assert_close(c1, c2, atol=1e-5, rtol=0)
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["naive", "absorbed"])
+@torch.no_grad()
+def test_stepwise_decode_equals_full_forward(attention):
+    m = tiny(attention)
+    x = ids(2, 20)
+    full, full_cache = m(x)
+    logits, cache = m(x[:, :5])
+    steps = [logits]
+    for t in range(5, 20):
+        logits, cache = m(x[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    for (c1, p1), (c2, p2) in zip(cache, full_cache):
+        torch.testing.assert_close(c1, c2, atol=1e-5, rtol=0)
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_prefill():
+    m = tiny()
+    x = ids(1, 30, seed=3)
+    full, _ = m(x)
+    a, cache = m(x[:, :11])
+    b, cache = m(x[:, 11:23], cache=cache)  # a prefill after a non-empty past
+    c, cache = m(x[:, 23:], cache=cache)
+    torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=1e-5, rtol=0)
+    assert cache[0][0].shape == (1, 30, 16)
+
+
+@pytest.mark.parametrize("attention", ["naive", "absorbed"])
+@torch.no_grad()
+def test_left_padded_batch_equals_each_alone(attention):
+    m = tiny(attention)
+    long, short = ids(1, 12, seed=4)[0], ids(1, 7, seed=5)[0]
+    pad = 12 - 7
+    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :pad] = 0
+    pos = positions_from_mask(mask, 12)
+    logits, cache = m(batch, pos, mask)
+    assert torch.isfinite(logits).all() and all(torch.isfinite(c).all() and torch.isfinite(p).all() for c, p in cache)
+    alone_long, _ = m(long[None])
+    alone_short, short_cache = m(short[None])
+    torch.testing.assert_close(logits[0], alone_long[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, pad:], alone_short[0], atol=1e-5, rtol=0)
+    # decode three more tokens for both: the pads stay masked and the short row still matches
+    nxt = ids(2, 3, seed=6)
+    for t in range(3):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        step, cache = m(nxt[:, t:t + 1], positions_from_mask(mask, 1), mask, cache)
+        ref, short_cache = m(nxt[1:, t:t + 1], cache=short_cache)
+        torch.testing.assert_close(step[1], ref[0], atol=1e-5, rtol=0)
+
+
+def test_bad_attention_form_is_refused():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tiny("flash")
