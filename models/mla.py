@@ -103,10 +103,19 @@ class MLAttention(nn.Module):
         c_kv = torch.cat([c_past, c_new], dim=1)  # (B,T,R)
         k_pe = torch.cat([pe_past, pe_new], dim=1)  # (B,T,Dr)
 
-        scores_pe = torch.einsum("bshr,btr->bsht", q_pe, k_pe)
         if self.attention == "naive":  # decompress per-head K/V from the latent
             kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + cfg.v_head_dim)
             k_nope, v = kv_full[..., :Dn], kv_full[..., Dn:]  # (B,T,H,Dn), (B,T,H,Dv)
+            if allowed is None:  # plain causal, no past, no padding (training): fused SDPA
+                k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, -1)], dim=-1)
+                qh = torch.cat([q_nope, q_pe], dim=-1)
+                out = F.scaled_dot_product_attention(qh.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, scale=cfg.softmax_scale)
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, H * cfg.v_head_dim)), c_kv, k_pe
+        if allowed is None:
+            allowed = attention_allowed(torch.ones(B, S, dtype=torch.long, device=x.device), S)
+        scores_pe = torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        if self.attention == "naive":
             scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + scores_pe
         else:  # attend over the latent: W_UK folded into q, W_UV applied after
             w_uk, w_uv = self.absorbed_weights()
@@ -178,12 +187,14 @@ class MLAForCausalLM(nn.Module):
         if cache is None:
             cache = empty_cache(cfg, B, self.lm_head.weight.dtype)
         P = cache[0][0].shape[1]
+        plain = attention_mask is None and P == 0
         if attention_mask is None:
             attention_mask = torch.ones(B, P + S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = (torch.arange(S, device=input_ids.device) + P)[None].expand(B, S)
         cos, sin = cos_sin(self.inv_freq, self.rope_factor, position_ids)
-        allowed = attention_allowed(attention_mask, S)
+        # None = plain causal over S new tokens with no past and no padding (lets training use fused SDPA)
+        allowed = None if plain else attention_allowed(attention_mask, S)
         h = self.model.embed_tokens(input_ids)
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
