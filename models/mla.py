@@ -82,20 +82,29 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * cfg.v_head_dim, C, bias=bias)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_UK (H, Dn, R) folds into the query, W_UV (H, Dv, R) into the output."""
+        """kv_b_proj split per head: W_UK (H, Dn, R) folds into the query, W_UV^T (H, R, Dv) into the output."""
+        if hasattr(self, "w_uk"):
+            return self.w_uk, self.w_uv_t
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:].transpose(1, 2)
+
+    def materialize_absorbed(self) -> None:
+        """Store W_UK / W_UV^T as their own parameters (for export: plain initializers that quantizers reach)."""
+        w_uk, w_uv_t = self.absorbed_weights()
+        self.w_uk = nn.Parameter(w_uk.detach().contiguous().clone(), requires_grad=False)
+        self.w_uv_t = nn.Parameter(w_uv_t.detach().contiguous().clone(), requires_grad=False)
 
     def forward(self, x, cos, sin, allowed, c_past, pe_past):
-        """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T); c_past (B,P,R); pe_past (B,P,Dr).
-        Returns out (B,S,C) and the new latent c_kv (B,T,R), k_pe (B,T,Dr)."""
+        """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T) or None for plain causal with no past;
+        c_past (B,P,R); pe_past (B,P,Dr). Returns out (B,S,C) and the new latent c_kv (B,T,R), k_pe (B,T,Dr)."""
         cfg = self.cfg
         B, S, _ = x.shape
-        H, Dn = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        H, Dn, Dv, scale = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.softmax_scale
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, S, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin, cfg.rope_interleave)  # (B,S,H,Dn), (B,S,H,Dr)
+        q = q.view(B, S, H, cfg.qk_head_dim).transpose(1, 2)  # (B,H,S,Dn+Dr)
+        q_nope = q[..., :Dn]
+        q_pe = apply_rope(q[..., Dn:], cos[:, None], sin[:, None], cfg.rope_interleave)  # (B,H,S,Dr)
 
         kv = self.kv_a_proj_with_mqa(x)
         c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
@@ -104,32 +113,27 @@ class MLAttention(nn.Module):
         k_pe = torch.cat([pe_past, pe_new], dim=1)  # (B,T,Dr)
 
         if self.attention == "naive":  # decompress per-head K/V from the latent
-            kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + cfg.v_head_dim)
-            k_nope, v = kv_full[..., :Dn], kv_full[..., Dn:]  # (B,T,H,Dn), (B,T,H,Dv)
+            kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + Dv).transpose(1, 2)
+            k_nope, v = kv_full[..., :Dn], kv_full[..., Dn:]  # (B,H,T,Dn), (B,H,T,Dv)
             if allowed is None:  # plain causal, no past, no padding (training): fused SDPA
-                k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, -1)], dim=-1)
-                qh = torch.cat([q_nope, q_pe], dim=-1)
-                out = F.scaled_dot_product_attention(qh.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     is_causal=True, scale=cfg.softmax_scale)
-                return self.o_proj(out.transpose(1, 2).reshape(B, S, H * cfg.v_head_dim)), c_kv, k_pe
+                k = torch.cat([k_nope, k_pe[:, None].expand(B, H, -1, -1)], dim=-1)
+                out = F.scaled_dot_product_attention(torch.cat([q_nope, q_pe], -1), k, v, is_causal=True, scale=scale)
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), c_kv, k_pe
+            scores = (q_nope * scale) @ k_nope.transpose(-1, -2)  # bhsd,bhtd->bhst
+        else:  # attend over the latent: W_UK folded into q, W_UV applied after
+            w_uk, w_uv_t = self.absorbed_weights()
+            q_lat = (q_nope @ w_uk) * scale  # bhsd,hdc->bhsc  (B,H,S,R)
+            scores = q_lat @ c_kv.transpose(1, 2)[:, None]  # bhsc,btc->bhst
+        scores = scores + (q_pe * scale) @ k_pe.transpose(1, 2)[:, None]  # bhsr,btr->bhst
         if allowed is None:
             allowed = attention_allowed(torch.ones(B, S, dtype=torch.long, device=x.device), S)
-        scores_pe = torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        scores = torch.where(allowed[:, None], scores, MASK_MIN)
+        probs = scores.float().softmax(dim=-1).to(x.dtype)  # (B,H,S,T)
         if self.attention == "naive":
-            scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + scores_pe
-        else:  # attend over the latent: W_UK folded into q, W_UV applied after
-            w_uk, w_uv = self.absorbed_weights()
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # (B,S,H,R)
-            scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv) + scores_pe
-        scores = scores * cfg.softmax_scale
-        scores = torch.where(allowed[:, :, None, :], scores, MASK_MIN)
-        probs = scores.float().softmax(dim=-1).to(x.dtype)  # (B,S,H,T)
-        if self.attention == "naive":
-            out = torch.einsum("bsht,bthv->bshv", probs, v)
+            out = probs @ v  # bhst,bhtv->bhsv
         else:
-            o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv)
-            out = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
-        return self.o_proj(out.reshape(B, S, H * cfg.v_head_dim)), c_kv, k_pe
+            out = (probs @ c_kv[:, None]) @ w_uv_t  # bhst,btc->bhsc; bhsc,hcv->bhsv
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), c_kv, k_pe
 
 
 class DecoderLayer(nn.Module):

@@ -50,13 +50,11 @@ def cos_sin(inv_freq: torch.Tensor, factor: float, position_ids: torch.Tensor) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x (..., S, D) or (B, S, H, D) by (B, S, D/2) angles. Output is in half-rotation layout:
-    [rotated first members..., rotated second members...]; for interleaved pairs that de-interleaves."""
+    """Rotate x (..., D) by angles cos/sin (..., D/2) that broadcast against it. Output is in half-rotation
+    layout: [rotated first members..., rotated second members...]; for interleaved pairs that de-interleaves."""
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
-    if x.dim() == 4:  # (B, S, H, D): broadcast the angles over heads
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -12,6 +12,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("mla_edge.models.info", "print a model's config and its cache size per token (MLA vs MHA vs GQA)"),
+    "export": ("mla_edge.export.cli", "export a model to ONNX with an explicit latent cache, and quantize it"),
+    "parity": ("mla_edge.export.parity_cli", "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity"),
 }
 
 

@@ -1,0 +1,140 @@
+"""PyTorch MLA decoder -> one ONNX graph with the latent cache as explicit inputs and outputs.
+
+Graph contract (names from the cache contract, `mla_edge.models.cache`):
+  inputs   input_ids [batch, seq] int64, attention_mask [batch, total_len] int64, position_ids [batch, seq] int64,
+           past.{i}.c_kv [batch, past_len, R], past.{i}.k_pe [batch, past_len, Dr]
+  outputs  logits [batch, seq, vocab], present.{i}.c_kv [batch, total_len, R], present.{i}.k_pe [batch, total_len, Dr]
+The graph always runs the absorbed form, with W_UK / W_UV^T stored as plain initializers so that the
+quantizers reach them (left as in-graph reshapes of kv_b_proj they would stay fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mla_edge.models.cache import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract
+from mla_edge.models.mla import MLAForCausalLM
+from mla_edge.runtime.manifest import GRAPH_INPUTS, GRAPH_OUTPUTS
+
+DEFAULT_OPSET = 21  # int4 (MatMulNBits/GatherBlockQuantized) needs 21
+EXTERNAL_DATA_BYTES = 1 << 30  # past ~1 GiB of weights, keep them beside the graph (protobuf caps files at 2 GiB)
+
+
+class OnnxDecoder(nn.Module):
+    """Flat-argument view of MLAForCausalLM for tracing: (ids, mask, positions, *past) -> (logits, *present)."""
+
+    def __init__(self, model: MLAForCausalLM):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.cfg.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        logits, new = self.model(input_ids, position_ids, attention_mask, cache)
+        return (logits, *[t for pair in new for t in pair])
+
+
+def graph_names(cfg) -> tuple[list[str], list[str]]:
+    contract = CacheContract.from_config(cfg)
+    return list(GRAPH_INPUTS) + contract.past_names(), list(GRAPH_OUTPUTS) + contract.present_names()
+
+
+def graph_specs(cfg) -> dict:
+    """Inputs and outputs with symbolic shapes, as the manifest records them."""
+    contract = CacheContract.from_config(cfg)
+    ids = {"shape": [BATCH, SEQ], "dtype": "int64"}
+    inputs = [{"name": "input_ids", **ids}, {"name": "attention_mask", "shape": [BATCH, TOTAL_LEN], "dtype": "int64"},
+              {"name": "position_ids", **ids}]
+    inputs += [{"name": n, "shape": s, "dtype": t} for n, s, t in contract.past_specs()]
+    outputs = [{"name": "logits", "shape": [BATCH, SEQ, cfg.vocab_size], "dtype": "float32"}]
+    outputs += [{"name": n, "shape": s, "dtype": t} for n, s, t in contract.present_specs()]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4):
+    """Sizes >= 2 and all different: torch.export specialises sizes 0 and 1 and merges equal ones."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = (torch.arange(seq) + past)[None].expand(batch, seq).contiguous()
+    cache = []
+    for _ in range(cfg.num_hidden_layers):
+        cache += [torch.randn(batch, past, cfg.kv_lora_rank, generator=g), torch.randn(batch, past, cfg.qk_rope_head_dim, generator=g)]
+    return (ids, mask, pos, *cache)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence torch.onnx's and onnxruntime.quantization's chatter (their errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "onnxruntime", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace with torch.onnx.export(dynamo=True) and named dynamic dims; the caller's model is not modified."""
+    import onnx
+    from torch.export import Dim
+
+    path = Path(path)
+    cfg = model.cfg
+    m = copy.deepcopy(model).float().eval().set_attention("absorbed")
+    for layer in m.model.layers:
+        layer.self_attn.materialize_absorbed()
+    batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
+    cache_dims = tuple({0: batch, 1: past} for _ in range(2 * cfg.num_hidden_layers))
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
+    in_names, out_names = graph_names(cfg)
+    n_bytes = sum(p.numel() * 4 for p in m.parameters())
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as log:
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(OnnxDecoder(m), example_inputs(cfg), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=in_names, output_names=out_names, opset_version=opset,
+                                        optimize=True, verbose=False)
+        except Exception as e:
+            raise RuntimeError(f"torch.onnx.export failed: {e}\n{log.getvalue()[-2000:]}") from e
+    program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    proto = onnx.load(str(path), load_external_data=False)  # the graph only; external weights stay where they are
+    _name_dims(proto, cfg)
+    onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def model_files(path: Path) -> list[str]:
+    """The graph file first, then any external-data files it references."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    proto = onnx.load(str(path), load_external_data=False)
+    extra = {e.value for t in _get_all_tensors(proto) if uses_external_data(t) for e in t.external_data if e.key == "location"}
+    return [path.name, *sorted(extra)]
+
+
+def _name_dims(proto, cfg) -> None:
+    """Give every dynamic dim its contract name (torch names the present length 'past_len + seq')."""
+    specs = graph_specs(cfg)
+    for values, spec in ((proto.graph.input, specs["inputs"]), (proto.graph.output, specs["outputs"])):
+        if [v.name for v in values] != [s["name"] for s in spec]:
+            raise RuntimeError(f"exported graph names {[v.name for v in values]} differ from the contract {[s['name'] for s in spec]}")
+        for v, s in zip(values, spec):
+            for dim, want in zip(v.type.tensor_type.shape.dim, s["shape"]):
+                if isinstance(want, str):
+                    dim.ClearField("dim_value")
+                    dim.dim_param = want

@@ -1,0 +1,109 @@
+"""One onnxruntime session over an export folder: the numpy twin of MLAForCausalLM.forward.
+
+step(input_ids, attention_mask, position_ids, cache) -> (logits, new_cache); the cache is a dict keyed by
+the cache contract's past names, passed in and returned, never kept inside. No torch.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import Manifest, ManifestError
+
+# --provider name -> onnxruntime execution provider (and default options)
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", {}),
+    "xnnpack": ("XnnpackExecutionProvider", {}),
+    "coreml": ("CoreMLExecutionProvider", {}),
+    "nnapi": ("NnapiExecutionProvider", {}),
+    "qnn": ("QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}),
+}
+AUTO_ORDER = ("qnn", "nnapi", "coreml", "xnnpack")
+OPT_LEVELS = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+class ProviderError(ValueError):
+    pass
+
+
+def physical_cores() -> int:
+    """Physical cores where Linux tells us (sibling hyperthreads share a core id), else the logical count."""
+    try:
+        cores = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def resolve_providers(name: str) -> list:
+    """--provider -> the providers list for InferenceSession; CPU is always last as the fallback."""
+    available = ort.get_available_providers()
+    if name == "auto":
+        for key in AUTO_ORDER:
+            ep, opts = PROVIDERS[key]
+            if ep in available:
+                return [(ep, opts), "CPUExecutionProvider"]
+        warnings.warn("no mobile/accelerator execution provider in this onnxruntime build; running on the CPU", stacklevel=2)
+        return ["CPUExecutionProvider"]
+    if name not in PROVIDERS:
+        raise ProviderError(f"unknown provider {name!r} (choose from auto, {', '.join(PROVIDERS)})")
+    ep, opts = PROVIDERS[name]
+    if ep not in available:
+        raise ProviderError(f"provider {name!r} ({ep}) is not in this onnxruntime build; available: {', '.join(available)}")
+    return [(ep, opts), "CPUExecutionProvider"] if ep != "CPUExecutionProvider" else [ep]
+
+
+class LatentSession:
+    def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
+                 threads: int | None = None, opt_level: str = "all", optimized_model_path: str | None = None,
+                 verify: bool = True):
+        self.manifest = Manifest.read(export_dir)
+        if precision is None:
+            precision = "int8" if "int8" in self.manifest.precisions else "fp32"
+        self.precision = precision
+        path = self.manifest.model_path(precision, verify=verify)
+        if opt_level not in OPT_LEVELS:
+            raise ValueError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or physical_cores()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = OPT_LEVELS[opt_level]
+        if optimized_model_path:
+            so.optimized_model_filepath = str(optimized_model_path)
+        so.log_severity_level = 3
+        self.providers = resolve_providers(provider)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own types for corrupt or invalid files
+            raise ManifestError(f"onnxruntime cannot load {path.name}: {e}") from None
+        m = self.manifest.data
+        self.past_names = self.manifest.past_names
+        self.present_names = self.manifest.present_names
+        self.widths = [p["shape"][2] for p in m["cache"]["past"]]
+        self.vocab_size = m["model"]["vocab_size"]
+        self.max_context = m["max_context"]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, 0, w), np.float32) for n, w in zip(self.past_names, self.widths)}
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
+                "position_ids": np.asarray(position_ids, np.int64), **cache}
+        outs = self.session.run(None, feed)
+        return outs[0], dict(zip(self.past_names, outs[1:]))

@@ -1,0 +1,199 @@
+"""Export: fp32 ONNX == PyTorch == transformers, the graph matches its manifest, quantized files are reported,
+ORT format works, and bad input fails cleanly with nothing half-written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import hf_model, save_hf
+from mla_edge.export.parity import greedy, run_parity, teacher_forced
+from mla_edge.export.pipeline import ExportError, ExportOptions, export_folder
+from mla_edge.models.cache import CacheContract
+from mla_edge.models.checkpoint import load_model
+from mla_edge.models.config import ConfigError
+from mla_edge.runtime.manifest import MANIFEST, Manifest
+from mla_edge.runtime.session import LatentSession
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny DeepseekV3 (q LoRA, YaRN, interleaved RoPE) saved by transformers and exported with int8 + int4."""
+    root = tmp_path_factory.mktemp("export")
+    ref = hf_model(q_lora_rank=12, yarn=True, rope_interleave=True)
+    save_hf(ref, root / "hf")
+    export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8", "int4"), progress=False))
+    return ref, root / "hf", root / "out"
+
+
+def rows(n_rows, lengths, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 97, size=n + steps).tolist() for n in lengths[:n_rows]], lengths[:n_rows]
+
+
+@pytest.mark.parametrize("case", ["batch1", "batch1_chunked", "batch2_left_padded"])
+def test_fp32_onnx_matches_pytorch_over_32_steps(exported, case):
+    _, hf_dir, out = exported
+    model, sess = load_model(hf_dir), LatentSession(out, "fp32")
+    r, lens = rows(2 if "batch2" in case else 1, [11, 6], 32)
+    rep = teacher_forced(model, sess, r, lens, 32, chunk=4 if "chunked" in case else None)
+    assert len(rep["max_abs_logit_diff_per_step"]) == (3 if "chunked" in case else 1) + 32
+    assert rep["max_abs_logit_diff"] <= 1e-4
+    assert rep["top1_agreement"] == 1.0
+
+
+def test_fp32_greedy_tokens_identical(exported):
+    _, hf_dir, out = exported
+    prompt = rows(1, [9], 0)[0][0]
+    assert greedy(load_model(hf_dir), prompt, 32) == greedy(LatentSession(out, "fp32"), prompt, 32)
+
+
+def test_fp32_onnx_matches_transformers_end_to_end(exported):
+    ref, _, out = exported
+    sess = LatentSession(out, "fp32")
+    ids = np.random.default_rng(5).integers(3, 97, size=(2, 20))
+    with torch.no_grad():
+        want = ref(input_ids=torch.as_tensor(ids)).logits.numpy()
+    got, cache = sess.step(ids, np.ones_like(ids), np.tile(np.arange(20), (2, 1)), sess.empty_cache(2))
+    assert np.abs(got - want).max() <= 1e-4
+    # and a decode step with past > 0 against transformers' own cached decode
+    with torch.no_grad():
+        full = ref(input_ids=torch.as_tensor(np.concatenate([ids, ids[:, :1]], 1))).logits.numpy()[:, -1:]
+    step, _ = sess.step(ids[:, :1], np.ones((2, 21), np.int64), np.full((2, 1), 20), cache)
+    assert np.abs(step - full).max() <= 1e-4
+
+
+def test_graph_matches_manifest(exported):
+    _, _, out = exported
+    man = json.loads((out / MANIFEST).read_text())
+    contract = man["cache"]
+    for prec, entry in man["files"].items():
+        graph = onnx.load(str(out / entry["path"]), load_external_data=False).graph
+
+        def spec(values):
+            return [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+        inputs, outputs = spec(graph.input), spec(graph.output)
+        assert inputs == [{k: i[k] for k in ("name", "shape")} for i in man["graph"]["inputs"]], prec
+        assert outputs == [{k: o[k] for k in ("name", "shape")} for o in man["graph"]["outputs"]], prec
+        assert inputs[3:] == [{"name": p["name"], "shape": p["shape"]} for p in contract["past"]]
+        assert outputs[1:] == [{"name": p["name"], "shape": p["shape"]} for p in contract["present"]]
+    assert [p["name"] for p in contract["past"]] == CacheContract(2, 16, 8).past_names()
+    assert man["tokens"] == {"bos": 1, "eos": [2], "pad": None}
+
+
+def test_manifest_hashes_and_checker(exported):
+    _, _, out = exported
+    m = Manifest.read(out)
+    assert set(m.precisions) == {"fp32", "int8", "int4"}
+    for prec in m.precisions:
+        onnx.checker.check_model(str(m.model_path(prec, verify=True)))
+
+
+def test_absorbed_weights_are_quantized(exported):
+    _, _, out = exported
+    g = onnx.load(str(out / "model.int8.onnx")).graph
+    names = {i.name: i.data_type for i in g.initializer}
+    uk = [n for n in names if "w_uk" in n]
+    assert uk and all(names[n] != onnx.TensorProto.FLOAT for n in uk if n.endswith("_quantized"))
+    assert any(n.endswith("w_uk_quantized") for n in uk), uk
+
+
+def test_parity_reports_quantized_precisions(exported):
+    _, hf_dir, out = exported
+    rep = run_parity(hf_dir, out, text=None, steps=8)
+    assert set(rep["precisions"]) == {"fp32", "int8", "int4"}
+    assert rep["precisions"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    for prec in ("int8", "int4"):  # random weights: reported, not judged
+        e = rep["precisions"][prec]
+        assert e["max_abs_logit_diff"] > 0 and 0 <= e["top1_agreement"] <= 1
+        assert e["file_bytes"] == Manifest.read(out).data["files"][prec]["bytes"]
+
+
+def test_ort_format_gives_same_logits(exported, tmp_path):
+    _, _, out = exported
+    work = tmp_path / "ort"
+    work.mkdir()
+    (work / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work / "model.onnx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ort_file = next(work.glob("*.ort"))
+    import onnxruntime as ort
+    ids = np.random.default_rng(1).integers(3, 97, size=(1, 9))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(9)[None]}
+    feed.update({n: np.zeros((1, 0, w), np.float32) for n, w in zip(CacheContract(2, 16, 8).past_names(), [16, 8] * 2)})
+    a = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    b = ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    assert np.abs(a - b).max() <= 1e-5
+
+
+# ---- bad input: a clear error and nothing half-written -------------------------------------------------
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        export_folder(tmp_path, tmp_path / "out", ExportOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_moe_config_refused(tmp_path):
+    save_hf(hf_model(), tmp_path / "m")
+    d = json.loads((tmp_path / "m" / "config.json").read_text())
+    d.update(first_k_dense_replace=1, n_routed_experts=4)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="first_k_dense_replace=1"):
+        export_folder(tmp_path / "m", tmp_path / "out", ExportOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_dir_needs_force(exported, tmp_path):
+    _, hf_dir, _ = exported
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_folder(hf_dir, tmp_path / "out", ExportOptions(progress=False))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_out_dir(exported, tmp_path, where):
+    _, hf_dir, _ = exported
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out" if where == "under_a_file" else __import__("pathlib").Path("/proc/mla-edge-out")
+    with pytest.raises(ExportError, match="out"):
+        export_folder(hf_dir, out, ExportOptions(progress=False))
+
+
+def test_failure_halfway_leaves_nothing(exported, tmp_path, monkeypatch):
+    _, hf_dir, _ = exported
+    import mla_edge.export.quantize as q
+
+    def boom(src, dst):
+        dst.write_bytes(b"partial")
+        raise RuntimeError("disk full (simulated)")
+    monkeypatch.setattr(q, "quantize_int8", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_folder(hf_dir, tmp_path / "out", ExportOptions(progress=False))
+    assert list(tmp_path.iterdir()) == [], "no output folder and no temp folder may remain"
+
+
+def test_failure_during_force_keeps_old_export(exported, tmp_path, monkeypatch):
+    _, hf_dir, out = exported
+    import shutil
+    import mla_edge.export.quantize as q
+    target = tmp_path / "out"
+    shutil.copytree(out, target)
+    before = (target / MANIFEST).read_text()
+    monkeypatch.setattr(q, "quantize_int8", lambda s, d: (_ for _ in ()).throw(RuntimeError("killed (simulated)")))
+    with pytest.raises(RuntimeError):
+        export_folder(hf_dir, target, ExportOptions(force=True, progress=False))
+    assert (target / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    from mla_edge.runtime.cli import main
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
