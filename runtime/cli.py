@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("mla_edge.models.info", "print a model's config and its cache size per token (MLA vs MHA vs GQA)"),
     "export": ("mla_edge.export.cli", "export a model to ONNX with an explicit latent cache, and quantize it"),
+    "generate": ("mla_edge.runtime.generate_cli", "generate text from an export folder with onnxruntime (no torch)"),
     "parity": ("mla_edge.export.parity_cli", "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity"),
 }
 
@@ -31,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"mla-edge: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

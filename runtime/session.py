@@ -107,3 +107,27 @@ class LatentSession:
                 "position_ids": np.asarray(position_ids, np.int64), **cache}
         outs = self.session.run(None, feed)
         return outs[0], dict(zip(self.past_names, outs[1:]))
+
+    def step_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                   cache: dict) -> tuple[np.ndarray, dict]:
+        """Like step, but with IO binding: the present cache stays in onnxruntime-owned OrtValues that are bound
+        as the next step's past, so no cache tensor is copied into or out of numpy between steps."""
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        for name, value in cache.items():
+            if isinstance(value, ort.OrtValue):
+                b.bind_ortvalue_input(name, value)
+            else:
+                b.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
+        b.bind_output("logits", "cpu")
+        for name in self.present_names:
+            b.bind_output(name, "cpu")
+        self.session.run_with_iobinding(b)
+        outs = b.get_outputs()
+        return outs[0].numpy(), dict(zip(self.past_names, outs[1:]))
+
+    def cache_length(self, cache: dict) -> int:
+        v = cache[self.past_names[0]]
+        return int(v.shape()[1] if isinstance(v, ort.OrtValue) else v.shape[1])

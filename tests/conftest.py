@@ -49,3 +49,21 @@ def save_hf(model, path, **kw):
 def tiny_ckpt(tmp_path):
     """A saved tiny DeepseekV3 checkpoint (q LoRA on, YaRN on)."""
     return save_hf(hf_model(q_lora_rank=12, yarn=True), tmp_path / "tiny")
+
+
+TOKENIZER_TEXT = ("The old house stood at the end of the lane. She looked at him and smiled — café, naïve, "
+                  "coöperate, “quoted” words, 日本語, and 😀 emoji. ") * 20
+
+
+def make_tokenizer(path, vocab_size: int = 320):
+    """A byte-level BPE small enough for a tiny model; multi-byte characters stay split across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    tok.save(str(path))
+    return tok

@@ -1,0 +1,197 @@
+"""Cached generation over an export folder: prefill, then decode one token at a time with the latent cache.
+
+No torch. The tokenizer is the export's tokenizer.json, read by the `tokenizers` library.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import numpy as np
+
+from mla_edge.models.cache import DTYPE_BYTES, comparison
+
+from .sampling import Sampler, SamplingOptions
+from .session import LatentSession
+from .textstream import TextStream
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # eos | stop | length
+    prompt_tokens: int
+    stats: dict = field(default_factory=dict)
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    return ids, mask, pos
+
+
+class Generator:
+    def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
+                 threads: int | None = None, iobinding: bool = True, opt_level: str = "all", verify: bool = True):
+        t0 = time.perf_counter()
+        self.session = LatentSession(export_dir, precision, provider, threads, opt_level, verify=verify)
+        self.manifest = self.session.manifest
+        self.tokenizer = None
+        if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():
+            from tokenizers import Tokenizer
+            self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_path))
+        tokens = self.manifest.data["tokens"]
+        self.bos = tokens.get("bos")
+        self.eos = set(tokens.get("eos") or [])
+        self.pad_id = tokens.get("pad") if tokens.get("pad") is not None else next(iter(self.eos), 0)
+        self.iobinding = iobinding
+        self.load_seconds = time.perf_counter() - t0
+        cache = self.manifest.data["cache"]
+        self.cache_bytes_per_token = cache["bytes_per_token"]
+        self.mha_bytes_per_token = comparison(SimpleNamespace(**self.manifest.data["model"]), cache["dtype"] if cache["dtype"] in DTYPE_BYTES else "float32")["mha"]["bytes_per_token"]
+
+    # ---- text <-> ids ---------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        if self.tokenizer is None:
+            raise PromptError("this export has no tokenizer.json; pass token ids instead of text")
+        ids = self.tokenizer.encode(prompt).ids
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids = [self.bos] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- public API -------------------------------------------------------------------------------------
+    def generate(self, prompt: str, **kw) -> GenerationResult:
+        return self.generate_batch([prompt], **kw)[0]
+
+    def generate_batch(self, prompts: list[str], **kw) -> list[GenerationResult]:
+        if not prompts:
+            raise PromptError("no prompts given")
+        return self.generate_ids([self.encode(p) for p in prompts], **kw)
+
+    def stream(self, prompt: str, **kw) -> Iterator[str]:
+        """Text pieces as they are decided; multi-byte characters split across tokens are held back until whole.
+        The full result is in self.last_result afterwards."""
+        events = self._run([self.encode(prompt)], **kw)
+        while True:
+            try:
+                row, piece = next(events)
+            except StopIteration as stop:
+                self.last_result = stop.value[0]
+                return
+            if piece:
+                yield piece
+
+    def generate_ids(self, rows: list[list[int]], **kw) -> list[GenerationResult]:
+        events = self._run(rows, **kw)
+        while True:
+            try:
+                next(events)
+            except StopIteration as stop:
+                return stop.value
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def _check(self, rows: list[list[int]], max_new_tokens: int) -> None:
+        vocab, ctx = self.session.vocab_size, self.session.max_context
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, r in enumerate(rows):
+            if len(r) == 0:
+                raise PromptError(f"prompt {i} is empty")
+            bad = [t for t in r if not 0 <= int(t) < vocab]
+            if bad:
+                raise PromptError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            if len(r) >= ctx:
+                raise PromptError(f"prompt {i} has {len(r)} tokens; the model's context holds {ctx} (prompt + new tokens)")
+
+    def _run(self, rows, sampling: SamplingOptions | None = None, max_new_tokens: int = 128,
+             stop: tuple[str, ...] | list[str] = (), eos: bool = True):
+        """Generator of (row, text piece) events; returns the list of GenerationResult."""
+        sampling = sampling or SamplingOptions()
+        rows = [list(map(int, r)) for r in rows]
+        self._check(rows, max_new_tokens)
+        sampler = Sampler(sampling)
+        step = self.session.step_bound if self.iobinding else self.session.step
+        B = len(rows)
+        ids, mask, pos = left_pad(rows, self.pad_id)
+        t0 = time.perf_counter()
+        logits, cache = step(ids, mask, pos, self.session.empty_cache(B))
+        t_first = time.perf_counter()
+        last = logits[:, -1]
+        history = [list(r) for r in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        streams = [TextStream(self.tokenizer, tuple(stop)) if self.tokenizer else None for _ in rows]
+        finish: list[str | None] = [None] * B
+        ctx = self.session.max_context
+        length = ids.shape[1]
+        while True:
+            nxt = sampler(last, history)
+            for i in range(B):
+                if finish[i]:
+                    continue
+                tok = int(nxt[i])
+                history[i].append(tok)
+                if eos and tok in self.eos:
+                    finish[i] = "eos"
+                    continue
+                out[i].append(tok)
+                if streams[i] is not None:
+                    piece = streams[i].push(tok)
+                    if piece:
+                        yield i, piece
+                    if streams[i].stopped:
+                        finish[i] = "stop"
+                if finish[i] is None and (len(out[i]) >= max_new_tokens or len(rows[i]) + len(out[i]) >= ctx):
+                    finish[i] = "length"
+            if all(finish):
+                break
+            feed = np.asarray([[t if not f else self.pad_id] for t, f in zip(nxt, finish)], np.int64)
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
+            pos = pos[:, -1:] + 1
+            length += 1
+            logits, cache = step(feed, mask, pos, cache)
+            last = logits[:, -1]
+        t_end = time.perf_counter()
+        for i, st in enumerate(streams):  # a trailing partial character, if any
+            piece = st.flush() if st else ""
+            if piece:
+                yield i, piece
+        decoded = sum(len(o) for o in out)
+        stats = {"prompt_tokens": int(mask[:, : ids.shape[1]].sum()), "new_tokens": decoded, "batch": B,
+                 "prefill_seconds": t_first - t0, "prefill_tok_s": float(mask[:, : ids.shape[1]].sum()) / max(t_first - t0, 1e-9),
+                 "decode_seconds": t_end - t_first,
+                 "decode_tok_s": max(length - ids.shape[1], 0) * B / max(t_end - t_first, 1e-9),
+                 "cache_tokens": length, "cache_bytes": self.cache_bytes_per_token * length * B,
+                 "mha_cache_bytes": self.mha_bytes_per_token * length * B, "load_seconds": self.load_seconds,
+                 "time_to_first_token_s": t_first - t0, "peak_rss_bytes": peak_rss_bytes(),
+                 "precision": self.session.precision}
+        return [GenerationResult(st.text if st else "", out[i], finish[i], len(rows[i]), stats)
+                for i, st in enumerate(streams)]

@@ -1,0 +1,58 @@
+"""Next-token choice from logits, in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Sampler:
+    def __init__(self, opts: SamplingOptions):
+        self.opts = opts
+        self.rng = np.random.default_rng(opts.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """logits (B, V) for the next position; history: tokens seen per row (prompt + generated)."""
+        o = self.opts
+        logits = logits.astype(np.float64, copy=True)
+        if o.repetition_penalty != 1.0:  # CTRL-style: push seen tokens down whatever their sign
+            for row, seen in zip(logits, history):
+                idx = np.unique(np.asarray(seen, np.int64))
+                vals = row[idx]
+                row[idx] = np.where(vals > 0, vals / o.repetition_penalty, vals * o.repetition_penalty)
+        if o.temperature == 0:
+            return logits.argmax(-1)
+        logits /= o.temperature
+        if o.top_k and o.top_k < logits.shape[-1]:
+            kth = np.partition(logits, -o.top_k, axis=-1)[:, -o.top_k][:, None]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if o.top_p < 1.0:
+            order = np.argsort(-probs, axis=-1)
+            sorted_p = np.take_along_axis(probs, order, -1)
+            keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < o.top_p  # always keeps the top token
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, -1)
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum(-1, keepdims=True)
+        return np.array([self.rng.choice(len(p), p=p) for p in probs])

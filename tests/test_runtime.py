@@ -1,0 +1,174 @@
+"""Runtime: torch-free generation that equals PyTorch token for token, lossless streaming, clear errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TOKENIZER_TEXT, hf_model, make_tokenizer, save_hf
+from mla_edge.export.pipeline import ExportOptions, export_folder
+from mla_edge.runtime.cli import main
+from mla_edge.runtime.generate import Generator, PromptError
+from mla_edge.runtime.manifest import ManifestError
+from mla_edge.runtime.sampling import SamplingOptions
+from mla_edge.runtime.session import ProviderError
+from mla_edge.runtime.textstream import TextStream
+
+CTX = 96
+
+
+@pytest.fixture(scope="module")
+def text_export(tmp_path_factory):
+    """A tiny DeepseekV3 with a real byte-level tokenizer (eos = <|endoftext|> = 0) and a 96-token context."""
+    root = tmp_path_factory.mktemp("rt")
+    save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=CTX, bos_token_id=None, eos_token_id=0),
+            root / "hf")
+    make_tokenizer(root / "hf" / "tokenizer.json")
+    export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8",), progress=False))
+    return root / "hf", root / "out"
+
+
+def torch_greedy(hf_dir, prompt, steps):
+    from mla_edge.export.parity import greedy
+    from mla_edge.models.checkpoint import load_model
+    return greedy(load_model(hf_dir), prompt, steps)
+
+
+def test_default_precision_is_int8(text_export):
+    assert Generator(text_export[1]).session.precision == "int8"
+
+
+@pytest.mark.parametrize("iobinding", [True, False])
+def test_greedy_equals_pytorch_batch1_and_batch2(text_export, iobinding):
+    hf_dir, out = text_export
+    gen = Generator(out, "fp32", iobinding=iobinding)
+    rng = np.random.default_rng(3)
+    p1, p2 = rng.integers(1, 320, 17).tolist(), rng.integers(1, 320, 6).tolist()
+    want1, want2 = torch_greedy(hf_dir, p1, 64), torch_greedy(hf_dir, p2, 64)
+    alone = gen.generate_ids([p1], max_new_tokens=64, eos=False)[0]
+    both = gen.generate_ids([p1, p2], max_new_tokens=64, eos=False)
+    assert alone.token_ids == want1 and len(want1) == 64
+    assert both[0].token_ids == want1 and both[1].token_ids == want2
+    assert {r.finish_reason for r in both} == {"length"}
+
+
+def test_streaming_is_lossless(text_export):
+    gen = Generator(text_export[1], "fp32")
+    opts = dict(sampling=SamplingOptions(temperature=1.5, seed=7), max_new_tokens=60, eos=False)
+    pieces = list(gen.stream("café 😀", **opts))
+    whole = gen.generate("café 😀", **opts)
+    assert "".join(pieces) == whole.text == gen.last_result.text
+    assert gen.last_result.token_ids == whole.token_ids
+    assert len(pieces) > 1
+
+
+def test_text_stream_holds_back_split_characters(text_export):
+    gen = Generator(text_export[1], "fp32")
+    ids = gen.tokenizer.encode("a😀é日").ids
+    assert len(ids) > 4, "the emoji and CJK character should span several byte tokens here"
+    ts = TextStream(gen.tokenizer)
+    pieces = [ts.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + ts.flush() == "a😀é日"
+    assert "" in pieces  # something was held back until its character was whole
+
+
+def test_stop_string_and_eos(text_export):
+    gen = Generator(text_export[1], "fp32")
+    free = gen.generate("The old", max_new_tokens=40, eos=False)
+    stop = free.text[5:8]
+    r = gen.generate("The old", max_new_tokens=40, eos=False, stop=[stop])
+    assert r.finish_reason == "stop" and stop not in r.text and free.text.startswith(r.text)
+
+
+def test_context_limit_stops_with_length(text_export):
+    gen = Generator(text_export[1], "fp32")
+    prompt = list(range(1, 91))  # 90 of 96 positions
+    r = gen.generate_ids([prompt], max_new_tokens=50, eos=False)[0]
+    assert r.finish_reason == "length" and len(prompt) + len(r.token_ids) == CTX
+
+
+def test_seed_makes_sampling_reproducible(text_export):
+    gen = Generator(text_export[1], "int8")
+    opts = dict(sampling=SamplingOptions(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=11),
+                max_new_tokens=30, eos=False)
+    a, b = gen.generate("She looked", **opts), gen.generate("She looked", **opts)
+    c = gen.generate("She looked", **{**opts, "sampling": SamplingOptions(temperature=1.0, seed=12)})
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda g: g.generate("   "), "prompt is empty"),
+    (lambda g: g.generate(TOKENIZER_TEXT[:2000]), r"tokens; the model's context holds 96"),
+    (lambda g: g.generate_ids([[5, 320]]), r"outside the vocabulary \[0, 320\)"),
+    (lambda g: g.generate_ids([[5, -1]]), r"outside the vocabulary"),
+    (lambda g: g.generate_batch([]), "no prompts"),
+    (lambda g: g.generate("hi", max_new_tokens=0), "max_new_tokens must be >= 1"),
+])
+def test_bad_prompts(text_export, call, match):
+    with pytest.raises(PromptError, match=match):
+        call(Generator(text_export[1], "fp32"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingOptions(**kw)
+
+
+def test_unknown_and_missing_providers(text_export):
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'.*cpu, xnnpack"):
+        Generator(text_export[1], provider="tpu")
+    with pytest.raises(ProviderError, match="'qnn' .*not in this onnxruntime build; available: .*CPUExecutionProvider"):
+        Generator(text_export[1], provider="qnn")
+    with pytest.warns(UserWarning, match="running on the CPU"):
+        assert Generator(text_export[1], provider="auto").session.providers == ["CPUExecutionProvider"]
+
+
+def test_tampered_model_file(text_export, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(text_export[1], bad)
+    data = bytearray((bad / "model.int8.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="model.int8.onnx does not match its sha256"):
+        Generator(bad)
+    Generator(bad, "fp32")  # the untouched precision still loads
+
+
+def test_cli_generate_and_errors(text_export, capsys):
+    out = str(text_export[1])
+    assert main(["generate", out, "The old house", "--max-new-tokens", "12", "--provider", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("The old house") and "decode" in cap.err and "MHA would hold" in cap.err
+    assert main(["generate", out, "The old", "--max-new-tokens", "5", "--json", "--provider", "cpu"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["stats"]["new_tokens"] <= 5 and rep["stats"]["cache_bytes"] < rep["stats"]["mha_cache_bytes"]
+    for argv, msg in [(["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "2"], "top_p must be in"),
+                      (["--provider", "npu"], "unknown provider 'npu'")]:
+        assert main(["generate", out, "hi", *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["generate", out, ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+BLOCK = "import sys\nfor m in ('torch', 'onnx', 'transformers', 'safetensors', 'onnxscript'):\n    sys.modules[m] = None\n"
+
+
+def test_runtime_needs_no_torch(text_export):
+    """`import mla_edge.runtime` and a full `mla-edge generate` with torch (and onnx) made unimportable."""
+    code = BLOCK + (
+        "import mla_edge.runtime, mla_edge.runtime.generate, mla_edge.runtime.session\n"
+        "from mla_edge.runtime.cli import main\n"
+        f"rc = main(['generate', {str(text_export[1])!r}, 'The old house', '--max-new-tokens', '8', '--provider', 'cpu'])\n"
+        "assert sys.modules['torch'] is None\n"
+        "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("The old house") and "decode" in r.stderr
