@@ -12,9 +12,11 @@ import warnings
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "demo": ("mla_edge.export.demo", "run the whole pipeline on the embedded demo model: export, int8, parity, generate"),
     "info": ("mla_edge.models.info", "print a model's config and its cache size per token (MLA vs MHA vs GQA)"),
     "export": ("mla_edge.export.cli", "export a model to ONNX with an explicit latent cache, and quantize it"),
     "generate": ("mla_edge.runtime.generate_cli", "generate text from an export folder with onnxruntime (no torch)"),
+    "bench": ("mla_edge.runtime.bench_cli", "measure PyTorch eager vs onnxruntime fp32/int8/int4 side by side (speed, RSS)"),
     "parity": ("mla_edge.export.parity_cli", "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity"),
 }
 

@@ -54,8 +54,13 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 
 class Generator:
     def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
-                 threads: int | None = None, iobinding: bool = True, opt_level: str = "all", verify: bool = True):
+                 threads: int | None = None, iobinding: bool = True, opt_level: str = "all", verify: bool = True,
+                 prefill_chunk: int = 256):
+        """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces."""
         t0 = time.perf_counter()
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.session = LatentSession(export_dir, precision, provider, threads, opt_level, verify=verify)
         self.manifest = self.session.manifest
         self.tokenizer = None
@@ -143,7 +148,10 @@ class Generator:
         B = len(rows)
         ids, mask, pos = left_pad(rows, self.pad_id)
         t0 = time.perf_counter()
-        logits, cache = step(ids, mask, pos, self.session.empty_cache(B))
+        cache = self.session.empty_cache(B)
+        for s0 in range(0, ids.shape[1], self.prefill_chunk):  # chunked prefill: later chunks see past > 0
+            s1 = min(s0 + self.prefill_chunk, ids.shape[1])
+            logits, cache = step(ids[:, s0:s1], mask[:, :s1], pos[:, s0:s1], cache)
         t_first = time.perf_counter()
         last = logits[:, -1]
         history = [list(r) for r in rows]
