@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--final-eval-batches", type=int, default=32, help="held-out batches for the final validation loss")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
         if step % args.eval_every == 0 or step == total_steps:
-            val = evaluate(model, valid, args.batch, args.seq, args.eval_batches)
+            val = evaluate(model, valid, args.batch, args.seq, args.final_eval_batches if step == total_steps else args.eval_batches)
             history["evals"].append({"step": step, "tokens": step * per_step, "train_loss": loss.item(),
                                      "val_loss": val, "val_ppl": math.exp(val)})
             history["seconds"] = prior_seconds + time.time() - t0
