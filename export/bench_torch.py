@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mla_edge.runtime.bench_core import emit, measure
+from mla_edge.runtime.bench_core import PASTS, PROMPT_LENS, emit, measure, parse_lengths
 
 
 def main() -> None:
@@ -15,6 +15,8 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--prompt-lens", type=parse_lengths, default=PROMPT_LENS)
+    ap.add_argument("--pasts", type=parse_lengths, default=PASTS)
     a = ap.parse_args()
     import torch
 
@@ -32,7 +34,7 @@ def main() -> None:
         logits, cache = model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask), cache)
         return logits.numpy(), cache
 
-    res = measure(step, lambda b: empty_cache(model.cfg, b), model.cfg.vocab_size, a.repeats)
+    res = measure(step, lambda b: empty_cache(model.cfg, b), model.cfg.vocab_size, a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts)
     emit({"backend": "torch-eager-fp32", "load_s": load, **res})
 
 

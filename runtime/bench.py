@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .bench_core import PASTS, PROMPT_LENS
 from .manifest import Manifest
 
 TARGET_SPEEDUP = 2.5  # int8 decode at past 1024 vs PyTorch eager fp32
@@ -32,9 +33,17 @@ def _run_worker(cmd: list[str]) -> dict:
     raise RuntimeError(f"bench worker {' '.join(cmd[2:4])} failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
 
 
-def _generate_rss(out_dir: Path, precision: str, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), GEN_PROMPT, "--json", "--provider",
-           "cpu", "--precision", precision, "--max-new-tokens", str(GEN_NEW_TOKENS)] + (["--threads", str(threads)] if threads else [])
+def _generate_rss(out_dir: Path, precision: str, threads: int | None, manifest: Manifest) -> dict:
+    from tokenizers import Tokenizer
+
+    tok, ctx = Tokenizer.from_file(str(manifest.tokenizer_path)), manifest.data["max_context"]
+    words = GEN_PROMPT.split()
+    while len(words) > 1 and len(tok.encode(" ".join(words)).ids) + 1 > ctx // 2:  # small contexts: a shorter prompt
+        words.pop()
+    prompt = " ".join(words)
+    new = min(GEN_NEW_TOKENS, ctx - len(tok.encode(prompt).ids) - 1)
+    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), prompt, "--json", "--provider",
+           "cpu", "--precision", precision, "--max-new-tokens", str(new)] + (["--threads", str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"generate failed: {r.stderr.strip()[-1500:]}")
@@ -42,12 +51,16 @@ def _generate_rss(out_dir: Path, precision: str, threads: int | None) -> dict:
 
 
 def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats: int = 5, threads: int | None = None,
-              with_torch: bool = True, progress=None) -> dict:
+              with_torch: bool = True, progress=None, prompt_lens=PROMPT_LENS, pasts=PASTS) -> dict:
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
     precisions = precisions or [p for p in ("fp32", "int8", "int4") if p in manifest.precisions]
+    longest = max(max(prompt_lens), max(pasts) + 16)
+    if longest > manifest.data["max_context"]:
+        raise ValueError(f"the benchmark needs {longest} positions but the model's context holds {manifest.data['max_context']}")
     py = [sys.executable, "-m"]
     thr = ["--threads", str(threads)] if threads else []
+    thr += ["--prompt-lens", ",".join(map(str, prompt_lens)), "--pasts", ",".join(map(str, pasts))]
     jobs = []
     model_dir = Path(manifest.data["source"]["model_dir"])
     torch_ok = with_torch and importlib.util.find_spec("torch") is not None and (model_dir / "config.json").is_file()
@@ -68,22 +81,24 @@ def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats:
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
     for r in rows:
         if base:
-            r["decode_1024_speedup_vs_torch"] = base["decode_1024_ms"] / r["decode_1024_ms"]
-            r["decode_128_speedup_vs_torch"] = base["decode_128_ms"] / r["decode_128_ms"]
-            r["prefill_512_speedup_vs_torch"] = r["prefill_512_tok_s"] / base["prefill_512_tok_s"]
+            for p in pasts:
+                r[f"decode_{p}_speedup_vs_torch"] = base[f"decode_{p}_ms"] / r[f"decode_{p}_ms"]
+            for n in prompt_lens:
+                r[f"prefill_{n}_speedup_vs_torch"] = r[f"prefill_{n}_tok_s"] / base[f"prefill_{n}_tok_s"]
         if r["name"].startswith("ort-"):
             r["model_bytes"] = manifest.data["files"][r["name"].split()[0][4:]]["bytes"]
     report = {"export_dir": str(out_dir), "model": manifest.data["model"].get("model_type"), "repeats": repeats,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_implementation()} {platform.python_version()}",
-              "threads": threads, "rows": rows, "targets": {}}
+              "threads": threads, "prompt_lens": list(prompt_lens), "pasts": list(pasts), "rows": rows, "targets": {}}
     int8 = next((r for r in rows if r["name"] == "ort-int8"), None)
+    key = f"decode_{pasts[-1]}_speedup_vs_torch"
     if int8 and base:
-        report["targets"]["int8_decode_1024_speedup"] = {"measured": int8["decode_1024_speedup_vs_torch"], "target": TARGET_SPEEDUP,
-                                                         "met": int8["decode_1024_speedup_vs_torch"] >= TARGET_SPEEDUP}
+        report["targets"][f"int8_decode_{pasts[-1]}_speedup"] = {"measured": int8[key], "target": TARGET_SPEEDUP,
+                                                                  "met": int8[key] >= TARGET_SPEEDUP}
     if "int8" in precisions and manifest.tokenizer_path:
         if progress:
             progress("generate int8 (RSS)")
-        g = _generate_rss(out_dir, "int8", threads)
+        g = _generate_rss(out_dir, "int8", threads, manifest)
         budget = RSS_FACTOR * (manifest.data["files"]["int8"]["bytes"] + g["cache_bytes"]) + RSS_SLACK
         report["generate_int8"] = g
         report["targets"]["int8_generate_peak_rss"] = {"measured_bytes": g["peak_rss_bytes"], "limit_bytes": int(budget),
@@ -92,10 +107,11 @@ def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats:
 
 
 def format_report(rep: dict) -> str:
-    cols = [("load s", "load_s", "{:.2f}"), ("TTFT ms", "ttft_ms", "{:.1f}"), ("prefill128 tok/s", "prefill_128_tok_s", "{:,.0f}"),
-            ("prefill512 tok/s", "prefill_512_tok_s", "{:,.0f}"), ("decode@128 ms", "decode_128_ms", "{:.2f}"),
-            ("decode@1024 ms", "decode_1024_ms", "{:.2f}"), ("vs torch @1024", "decode_1024_speedup_vs_torch", "{:.2f}x"),
-            ("peak RSS MB", "peak_rss_bytes", None)]
+    n, p = rep["prompt_lens"], rep["pasts"]
+    cols = [("load s", "load_s", "{:.2f}"), ("TTFT ms", "ttft_ms", "{:.1f}")]
+    cols += [(f"prefill{k} tok/s", f"prefill_{k}_tok_s", "{:,.0f}") for k in n]
+    cols += [(f"decode@{k} ms", f"decode_{k}_ms", "{:.2f}") for k in p]
+    cols += [(f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"), ("peak RSS MB", "peak_rss_bytes", None)]
     lines = [f"bench: {rep['export_dir']} ({rep['machine']}; medians of {rep['repeats']} repeats, batch 1)",
              "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols)]
     for r in rep["rows"]:

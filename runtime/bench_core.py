@@ -22,15 +22,16 @@ def _prefill(step, empty_cache, ids):
     return step(ids, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], empty_cache(1))
 
 
-def measure(step, empty_cache, vocab: int, repeats: int = 5, decode_steps: int = 16) -> dict:
+def measure(step, empty_cache, vocab: int, repeats: int = 5, decode_steps: int = 16,
+            prompt_lens=PROMPT_LENS, pasts=PASTS) -> dict:
     rng = np.random.default_rng(0)
     out: dict = {}
-    ids = rng.integers(0, vocab, (1, PROMPT_LENS[0]), dtype=np.int64)
+    ids = rng.integers(0, vocab, (1, prompt_lens[0]), dtype=np.int64)
     t = time.perf_counter()
     logits, _ = _prefill(step, empty_cache, ids)
     int(np.asarray(logits)[0, -1].argmax())
     out["ttft_ms"] = (time.perf_counter() - t) * 1e3  # first call: includes any lazy initialisation
-    for n in PROMPT_LENS:
+    for n in prompt_lens:
         ids = rng.integers(0, vocab, (1, n), dtype=np.int64)
         times = []
         for _ in range(repeats):
@@ -38,7 +39,7 @@ def measure(step, empty_cache, vocab: int, repeats: int = 5, decode_steps: int =
             _prefill(step, empty_cache, ids)
             times.append(time.perf_counter() - t)
         out[f"prefill_{n}_tok_s"] = n / statistics.median(times)
-    for p in PASTS:
+    for p in pasts:
         ids = rng.integers(0, vocab, (1, p), dtype=np.int64)
         _, start = _prefill(step, empty_cache, ids)
         per_token = []
@@ -53,6 +54,10 @@ def measure(step, empty_cache, vocab: int, repeats: int = 5, decode_steps: int =
                 per_token.append(time.perf_counter() - t)
         out[f"decode_{p}_ms"] = statistics.median(per_token) * 1e3
     return out
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
 
 
 def peak_rss_bytes() -> int:

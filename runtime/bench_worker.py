@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .bench_core import emit, measure
+from .bench_core import PASTS, PROMPT_LENS, emit, measure, parse_lengths
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     ap.add_argument("precision")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--prompt-lens", type=parse_lengths, default=PROMPT_LENS)
+    ap.add_argument("--pasts", type=parse_lengths, default=PASTS)
     ap.add_argument("--no-iobinding", action="store_true")
     a = ap.parse_args()
     from .session import LatentSession
@@ -24,7 +26,7 @@ def main() -> None:
     sess = LatentSession(a.out_dir, a.precision, "cpu", a.threads)
     load = time.perf_counter() - t
     step = sess.step if a.no_iobinding else sess.step_bound
-    res = measure(step, sess.empty_cache, sess.vocab_size, a.repeats)
+    res = measure(step, sess.empty_cache, sess.vocab_size, a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts)
     emit({"backend": f"ort-{a.precision}", "iobinding": not a.no_iobinding, "load_s": load, **res})
 
 

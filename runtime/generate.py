@@ -55,13 +55,13 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 class Generator:
     def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
                  threads: int | None = None, iobinding: bool = True, opt_level: str = "all", verify: bool = True,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, optimized_cache: str | Path | None = None):
         """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces."""
         t0 = time.perf_counter()
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.session = LatentSession(export_dir, precision, provider, threads, opt_level, verify=verify)
+        self.session = LatentSession(export_dir, precision, provider, threads, opt_level, optimized_cache, verify=verify)
         self.manifest = self.session.manifest
         self.tokenizer = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():

@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--opt-level", default="all", choices=["none", "basic", "extended", "all"], help="onnxruntime graph optimization level")
+    p.add_argument("--optimized-cache", metavar="DIR", help="save onnxruntime's optimized graph here and reuse it on later runs")
     p.add_argument("--no-iobinding", action="store_true", help="copy the cache through numpy each step (for comparison)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
@@ -32,7 +34,8 @@ def run(args) -> int:
     out_dir = default_export_dir(args.args[0] if len(args.args) == 2 else None)
     prompt = args.args[-1]
     sampling = SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    gen = Generator(out_dir, args.precision, args.provider, args.threads, iobinding=not args.no_iobinding)
+    gen = Generator(out_dir, args.precision, args.provider, args.threads, iobinding=not args.no_iobinding,
+                    opt_level=args.opt_level, optimized_cache=args.optimized_cache)
     gen.encode(prompt)  # a bad prompt fails here, before anything is printed
     kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
     if args.json:

@@ -70,8 +70,10 @@ def resolve_providers(name: str) -> list:
 
 class LatentSession:
     def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
-                 threads: int | None = None, opt_level: str = "all", optimized_model_path: str | None = None,
+                 threads: int | None = None, opt_level: str = "all", optimized_cache: str | Path | None = None,
                  verify: bool = True):
+        """optimized_cache: a folder where onnxruntime's optimized graph is saved on the first load and loaded
+        (with optimizations off) afterwards; one file per model hash and optimization level."""
         self.manifest = Manifest.read(export_dir)
         if precision is None:
             precision = "int8" if "int8" in self.manifest.precisions else "fp32"
@@ -83,8 +85,16 @@ class LatentSession:
         so.intra_op_num_threads = threads or physical_cores()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = OPT_LEVELS[opt_level]
-        if optimized_model_path:
-            so.optimized_model_filepath = str(optimized_model_path)
+        self.loaded_from_cache = False
+        if optimized_cache:
+            digest = self.manifest.data["files"][precision]["files"][0]["sha256"][:16]
+            cached = Path(optimized_cache) / f"{digest}.{opt_level}.opt.onnx"
+            if cached.is_file():
+                path, self.loaded_from_cache = cached, True
+                so.graph_optimization_level = OPT_LEVELS["none"]
+            else:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                so.optimized_model_filepath = str(cached)
         so.log_severity_level = 3
         self.providers = resolve_providers(provider)
         try:

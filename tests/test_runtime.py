@@ -172,3 +172,28 @@ def test_runtime_needs_no_torch(text_export):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("The old house") and "decode" in r.stderr
+
+
+def test_optimized_model_cache(text_export, tmp_path):
+    a = Generator(text_export[1], "int8", optimized_cache=tmp_path / "opt")
+    assert not a.session.loaded_from_cache and len(list((tmp_path / "opt").glob("*.opt.onnx"))) == 1
+    b = Generator(text_export[1], "int8", optimized_cache=tmp_path / "opt")
+    assert b.session.loaded_from_cache
+    prompt = [[5, 6, 7, 8]]
+    assert a.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids == \
+        b.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids
+
+
+def test_bench_runs_and_reports(text_export):
+    """The benchmark's plumbing (no timing is asserted: numbers are only reported)."""
+    from mla_edge.runtime.bench import format_report, run_bench
+    rep = run_bench(text_export[1], ["fp32", "int8"], repeats=1, prompt_lens=(16, 32), pasts=(8, 40))
+    names = [r["name"] for r in rep["rows"]]
+    assert names == ["torch-eager-fp32", "ort-fp32", "ort-int8", "ort-int8 (no iobinding)"]
+    for r in rep["rows"]:
+        assert r["decode_40_ms"] > 0 and r["prefill_32_tok_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["torch_imported"] == (r["name"] == "torch-eager-fp32")
+    assert "generate_int8" in rep and "int8_generate_peak_rss" in rep["targets"]
+    assert "torch-eager-fp32" in format_report(rep) and "decode@40 ms" in format_report(rep)
+    with pytest.raises(ValueError, match="needs 1040 positions but the model's context holds 96"):
+        run_bench(text_export[1], ["int8"], repeats=1)
