@@ -96,6 +96,10 @@ def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OP
     m = copy.deepcopy(model).float().eval().set_attention("absorbed")
     for layer in m.model.layers:
         layer.self_attn.materialize_absorbed()
+    if cfg.tie_word_embeddings:
+        # Untie in the graph: the LM head becomes MatMul(h, constant W^T), which the quantizers reach. Tied, it is
+        # MatMul(h, Transpose(W)) and int8/int4 would dequantize and transpose the whole embedding every step.
+        m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone(), requires_grad=False)
     batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
     cache_dims = tuple({0: batch, 1: past} for _ in range(2 * cfg.num_hidden_layers))
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
@@ -138,3 +142,25 @@ def _name_dims(proto, cfg) -> None:
                 if isinstance(want, str):
                     dim.ClearField("dim_value")
                     dim.dim_param = want
+
+
+def save_ort_format(src: Path, dst: Path) -> bool:
+    """onnxruntime's own format with every graph optimization applied for this machine (the 'Fixed' style of
+    onnxruntime.tools.convert_onnx_models_to_ort): it loads with less memory and nothing left to optimize.
+    Returns False (and writes nothing) where the format cannot hold the model: int4 Gather weights, today."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(dst)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    try:
+        check = ort.SessionOptions()
+        check.log_severity_level = 4
+        ort.InferenceSession(str(dst), check, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # onnxruntime's own error types
+        dst.unlink(missing_ok=True)
+        return False

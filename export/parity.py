@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mla_edge.models.mla import positions_from_mask
+from mla_edge.runtime.generate import left_pad
 from mla_edge.runtime.session import LatentSession
 
 DEFAULT_PROMPTS = ("The old house stood at the end of the lane, and", "She looked at him")
@@ -25,22 +26,12 @@ def _torch_step(model, ids, mask, pos, cache):
     return logits.numpy(), cache
 
 
-def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def teacher_forced(model, sess: LatentSession, rows: list[list[int]], prompt_lens: list[int], steps: int,
                    chunk: int | None = None) -> dict:
     """Prefill each row's prompt (left-padded; optionally in chunks, so later chunks run with past > 0), then feed
     the true next tokens one at a time. Compares logits of real (unpadded) positions at every step."""
     width = max(prompt_lens)
-    prompts, mask = left_pad([r[:n] for r, n in zip(rows, prompt_lens)])
+    prompts, mask, _ = left_pad([r[:n] for r, n in zip(rows, prompt_lens)], pad_id=0)
     follow = np.asarray([r[n:n + steps] for r, n in zip(rows, prompt_lens)], np.int64)
     diffs, agree, total = [], 0, 0
     t_cache, o_cache = None, sess.empty_cache(len(rows))

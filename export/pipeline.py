@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from mla_edge.models.cache import CacheContract
 from mla_edge.models.config import MLAConfig
-from mla_edge.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, file_entry
+from mla_edge.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, file_entry, ort_name
 
 QUANT_CHOICES = ("none", "int8", "int4", "int8-qdq")
 
@@ -32,6 +33,7 @@ class ExportOptions:
     opset: int = 21
     force: bool = False
     progress: bool = True
+    ort_format: bool = True  # also write model.<precision>.ort, optimized for this machine
     extra_manifest: dict = field(default_factory=dict)
 
 
@@ -89,6 +91,9 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     try:
         with quiet():
             manifest = _build(model_dir, tmp, cfg, wanted, tokenizer, calib, opts)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the export is an ordinary folder
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,9 +110,10 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
     from mla_edge.models.checkpoint import load_model
 
     from . import quantize as q
-    from .onnx_graph import export_onnx, graph_specs, model_files
+    from .onnx_graph import export_onnx, graph_specs, model_files, save_ort_format
 
-    stages = ["load", "export fp32", *[f"quantize {p}" for p in wanted], "manifest"]
+    stages = ["load", "export fp32", *[f"quantize {p}" for p in wanted], *(["ort format"] if opts.ort_format else []),
+              "manifest"]
     timings: dict[str, float] = {}
     with tqdm(total=len(stages), desc="export", unit="stage", disable=not opts.progress, dynamic_ncols=True) as bar:
         def run_stage(name, fn):
@@ -131,10 +137,18 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
                 text = Path(calib).read_text(encoding="utf-8")
                 run_stage("quantize int8-qdq", lambda: q.quantize_int8_qdq(
                     fp32, dst, q.calibration_feeds(fp32, tokenizer, text, contract)))
+        ort_ok = {}
+        if opts.ort_format:
+            ort_ok = run_stage("ort format", lambda: {p: save_ort_format(tmp / MODEL_FILE[p], tmp / ort_name(p))
+                                                     for p in ("fp32", *wanted)})
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files = {p: file_entry(tmp, p, model_files(tmp / MODEL_FILE[p])) for p in ("fp32", *wanted)}
+        for p in files:
+            if ort_ok.get(p):
+                files[p]["ort"] = {**file_entry(tmp, p, [ort_name(p)])["files"][0], "platform": platform.machine(),
+                                   "optimization": "all"}
         if "int4" in files:
             files["int4"]["block_size"] = opts.int4_block_size
         manifest = {

@@ -125,8 +125,8 @@ class MLAConfig:
             rope = {**dataclasses.asdict(self.rope_scaling), "rope_theta": self.rope_theta}
             rope = {k: v for k, v in rope.items() if v is not None}
         d["rope_parameters"] = rope
-        if self.num_key_value_heads is None:
-            d.pop("num_key_value_heads")
+        if self.num_key_value_heads is None:  # transformers' DeepSeek classes default it to 128; MLA ignores it
+            d["num_key_value_heads"] = self.num_attention_heads
         if self.model_type != "minicpm3":
             for k in ("scale_emb", "scale_depth", "dim_model_base"):
                 d.pop(k)

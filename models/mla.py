@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # this form onnxruntime fuses into one op
         return self.weight * xf.to(x.dtype)
 
 
@@ -123,8 +123,8 @@ class MLAttention(nn.Module):
         else:  # attend over the latent: W_UK folded into q, W_UV applied after
             w_uk, w_uv_t = self.absorbed_weights()
             q_lat = (q_nope @ w_uk) * scale  # bhsd,hdc->bhsc  (B,H,S,R)
-            scores = q_lat @ c_kv.transpose(1, 2)[:, None]  # bhsc,btc->bhst
-        scores = scores + (q_pe * scale) @ k_pe.transpose(1, 2)[:, None]  # bhsr,btr->bhst
+            scores = q_lat @ c_kv[:, None].transpose(-1, -2)  # bhsc,btc->bhst (transpose feeding MatMul: fused)
+        scores = scores + (q_pe * scale) @ k_pe[:, None].transpose(-1, -2)  # bhsr,btr->bhst
         if allowed is None:
             allowed = attention_allowed(torch.ones(B, S, dtype=torch.long, device=x.device), S)
         scores = torch.where(allowed[:, None], scores, MASK_MIN)

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,19 @@ def _generate_rss(out_dir: Path, precision: str, threads: int | None, manifest: 
     return json.loads(r.stdout)["stats"]
 
 
+def _median_rows(runs: list[dict]) -> dict:
+    """One row from several rounds of the same backend: the median of every number."""
+    row = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k] = statistics.median(r[k] for r in runs)
+    row["rounds"] = len(runs)
+    return row
+
+
 def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats: int = 5, threads: int | None = None,
-              with_torch: bool = True, progress=None, prompt_lens=PROMPT_LENS, pasts=PASTS) -> dict:
+              with_torch: bool = True, progress=None, prompt_lens=PROMPT_LENS, pasts=PASTS, rounds: int = 3) -> dict:
+    """Backends run round-robin, `rounds` times each, so that a slow spell of a shared machine hits all of them."""
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
     precisions = precisions or [p for p in ("fp32", "int8", "int4") if p in manifest.precisions]
@@ -71,11 +83,15 @@ def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats:
     if "int8" in precisions:
         jobs.append(("ort-int8 (no iobinding)", py + ["mla_edge.runtime.bench_worker", str(out_dir), "int8", "--repeats",
                                                        str(repeats), "--no-iobinding"] + thr))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+    for k in range(rounds):
+        for name, cmd in jobs:
+            if progress:
+                progress(f"{name} (round {k + 1}/{rounds})")
+            runs[name].append(_run_worker(cmd))
     rows = []
-    for name, cmd in jobs:
-        if progress:
-            progress(name)
-        row = _run_worker(cmd)
+    for name, _ in jobs:
+        row = _median_rows(runs[name])
         row["name"] = name
         rows.append(row)
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
@@ -87,7 +103,7 @@ def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats:
                 r[f"prefill_{n}_speedup_vs_torch"] = r[f"prefill_{n}_tok_s"] / base[f"prefill_{n}_tok_s"]
         if r["name"].startswith("ort-"):
             r["model_bytes"] = manifest.data["files"][r["name"].split()[0][4:]]["bytes"]
-    report = {"export_dir": str(out_dir), "model": manifest.data["model"].get("model_type"), "repeats": repeats,
+    report = {"export_dir": str(out_dir), "model": manifest.data["model"].get("model_type"), "repeats": repeats, "rounds": rounds,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_implementation()} {platform.python_version()}",
               "threads": threads, "prompt_lens": list(prompt_lens), "pasts": list(pasts), "rows": rows, "targets": {}}
     int8 = next((r for r in rows if r["name"] == "ort-int8"), None)
@@ -112,7 +128,8 @@ def format_report(rep: dict) -> str:
     cols += [(f"prefill{k} tok/s", f"prefill_{k}_tok_s", "{:,.0f}") for k in n]
     cols += [(f"decode@{k} ms", f"decode_{k}_ms", "{:.2f}") for k in p]
     cols += [(f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"), ("peak RSS MB", "peak_rss_bytes", None)]
-    lines = [f"bench: {rep['export_dir']} ({rep['machine']}; medians of {rep['repeats']} repeats, batch 1)",
+    lines = [f"bench: {rep['export_dir']} ({rep['machine']}; batch 1; medians of {rep['repeats']} repeats x "
+             f"{rep['rounds']} interleaved rounds)",
              "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols)]
     for r in rep["rows"]:
         cells = []

@@ -18,6 +18,11 @@ GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")  # then the cache
 GRAPH_OUTPUTS = ("logits",)  # then the cache contract's present names
 
 
+def ort_name(precision: str) -> str:
+    """The ORT-format companion of a precision's .onnx file."""
+    return MODEL_FILE[precision][: -len(".onnx")] + ".ort"
+
+
 class ManifestError(ValueError):
     """An export folder that cannot be trusted; the message names the file or field."""
 
@@ -64,11 +69,20 @@ class Manifest:
     def precisions(self) -> list[str]:
         return list(self.data["files"])
 
-    def model_path(self, precision: str, verify: bool = True) -> Path:
-        """Path of one precision's model file; with verify, every file's sha256 is checked first."""
+    def ort_format_usable(self, precision: str) -> bool:
+        """An ORT-format file exists for this precision and was optimized on this kind of machine."""
+        import platform
+        ort = self.data["files"].get(precision, {}).get("ort")
+        return bool(ort) and ort.get("platform") == platform.machine()
+
+    def model_path(self, precision: str, verify: bool = True, ort_format: bool = False) -> Path:
+        """Path of one precision's model file (or its ORT-format companion); with verify, the sha256 of every
+        file it needs is checked first."""
         if precision not in self.data["files"]:
             raise ManifestError(f"precision {precision!r} is not in this export (has: {', '.join(self.precisions)})")
         entry = self.data["files"][precision]
+        if ort_format:
+            entry = {"path": entry["ort"]["path"], "files": [entry["ort"]]}
         for f in entry["files"]:
             p = self.folder / f["path"]
             if not p.is_file():

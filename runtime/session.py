@@ -78,9 +78,14 @@ class LatentSession:
         if precision is None:
             precision = "int8" if "int8" in self.manifest.precisions else "fp32"
         self.precision = precision
-        path = self.manifest.model_path(precision, verify=verify)
         if opt_level not in OPT_LEVELS:
             raise ValueError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
+        self.providers = resolve_providers(provider)
+        # On the CPU, the export's pre-optimized ORT-format file loads with less memory; other providers (and other
+        # optimization levels) take the .onnx so that onnxruntime can partition and optimize it for them.
+        self.ort_format = (self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
+                           and self.manifest.ort_format_usable(precision))
+        path = self.manifest.model_path(precision, verify=verify, ort_format=self.ort_format)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or physical_cores()
         so.inter_op_num_threads = 1
@@ -96,7 +101,8 @@ class LatentSession:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 so.optimized_model_filepath = str(cached)
         so.log_severity_level = 3
-        self.providers = resolve_providers(provider)
+        if self.ort_format:
+            so.graph_optimization_level = OPT_LEVELS["none"]  # applied when the file was written
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own types for corrupt or invalid files

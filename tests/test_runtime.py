@@ -187,12 +187,12 @@ def test_optimized_model_cache(text_export, tmp_path):
 def test_bench_runs_and_reports(text_export):
     """The benchmark's plumbing (no timing is asserted: numbers are only reported)."""
     from mla_edge.runtime.bench import format_report, run_bench
-    rep = run_bench(text_export[1], ["fp32", "int8"], repeats=1, prompt_lens=(16, 32), pasts=(8, 40))
+    rep = run_bench(text_export[1], ["fp32", "int8"], repeats=1, prompt_lens=(16, 32), pasts=(8, 40), rounds=2)
     names = [r["name"] for r in rep["rows"]]
     assert names == ["torch-eager-fp32", "ort-fp32", "ort-int8", "ort-int8 (no iobinding)"]
     for r in rep["rows"]:
         assert r["decode_40_ms"] > 0 and r["prefill_32_tok_s"] > 0 and r["peak_rss_bytes"] > 0
-        assert r["torch_imported"] == (r["name"] == "torch-eager-fp32")
+        assert r["torch_imported"] == (r["name"] == "torch-eager-fp32") and r["rounds"] == 2
     assert "generate_int8" in rep and "int8_generate_peak_rss" in rep["targets"]
     assert "torch-eager-fp32" in format_report(rep) and "decode@40 ms" in format_report(rep)
     with pytest.raises(ValueError, match="needs 1040 positions but the model's context holds 96"):

@@ -1,0 +1,97 @@
+"""The embedded demo model: it loads, `mla-edge demo` runs end to end, and it passes the export/runtime parity
+checks with real weights, where int8 must stay within 2% perplexity of fp32 and be <= 30% of the fp32 file."""
+import json
+
+import numpy as np
+import pytest
+
+from mla_edge.models.checkpoint import load_model
+from mla_edge.models.demo_path import DEMO_DIR
+from mla_edge.runtime.manifest import Manifest
+
+pytestmark = pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="demo model not committed")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`mla-edge demo --json` with the export cache in a temp folder (a first run: it exports)."""
+    import os
+
+    from mla_edge.runtime.cli import main
+    from mla_edge.runtime.demo_export import demo_export_dir
+    root = tmp_path_factory.mktemp("demo")
+    old = os.environ.get("MLA_EDGE_CACHE")
+    os.environ["MLA_EDGE_CACHE"] = str(root / "cache")
+    try:
+        assert main(["demo", "--json", str(root / "demo.json"), "--max-new-tokens", "40"]) == 0
+        out = demo_export_dir()
+    finally:
+        if old is None:
+            os.environ.pop("MLA_EDGE_CACHE")
+        else:
+            os.environ["MLA_EDGE_CACHE"] = old
+    return json.loads((root / "demo.json").read_text()), out
+
+
+def test_demo_checkpoint_loads_and_has_a_card():
+    m = load_model(DEMO_DIR)
+    assert m.cfg.model_type == "deepseek_v3" and m.cfg.tie_word_embeddings
+    for name in ("README.md", "tokenizer.json", "heldout.txt", "calibration.txt", "train_log.json"):
+        assert (DEMO_DIR / name).is_file(), name
+    assert "perplexity" in (DEMO_DIR / "README.md").read_text().lower()
+
+
+def test_demo_command_runs_end_to_end(demo_run):
+    rep, out = demo_run
+    assert Manifest.read(out).precisions == ["fp32", "int8"]
+    assert len(rep["generate"]["text"].split()) >= 5
+    assert rep["generate"]["stats"]["cache_bytes"] < rep["generate"]["stats"]["mha_cache_bytes"]
+
+
+def test_demo_fp32_parity(demo_run):
+    par = demo_run[0]["parity"]["precisions"]["fp32"]
+    assert par["max_abs_logit_diff"] <= 1e-4 and par["greedy_identical"]
+
+
+def test_demo_int8_size_and_perplexity(demo_run):
+    rep, out = demo_run
+    files = Manifest.read(out).data["files"]
+    assert files["int8"]["bytes"] <= 0.30 * files["fp32"]["bytes"]
+    par = rep["parity"]
+    assert par["text_tokens"] >= 2000
+    fp32, int8 = par["precisions"]["fp32"]["ppl"], par["precisions"]["int8"]["ppl"]
+    assert abs(int8 / fp32 - 1) <= 0.02, (fp32, int8)
+
+
+def test_demo_runtime_greedy_equals_pytorch(demo_run):
+    from mla_edge.export.parity import greedy
+    from mla_edge.runtime.generate import Generator
+    out = demo_run[1]
+    gen = Generator(out, "fp32")
+    prompts = [gen.encode("The old house stood at the end of the lane, and"), gen.encode("She said")]
+    results = gen.generate_ids(prompts, max_new_tokens=64, eos=False)
+    model = load_model(DEMO_DIR)
+    for p, r in zip(prompts, results):
+        assert r.token_ids == greedy(model, p, 64)
+
+
+def test_int8_qdq_export_on_the_demo(tmp_path):
+    """Static QDQ calibrated on prefill + decode steps of the demo's calibration text: reported, and sane."""
+    from mla_edge.export.parity import run_parity
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    out = tmp_path / "qdq"
+    export_folder(DEMO_DIR, out, ExportOptions(quantize=("int8-qdq",), calibration_text=DEMO_DIR / "calibration.txt",
+                                               progress=False))
+    rep = run_parity(DEMO_DIR, out, (DEMO_DIR / "heldout.txt").read_text(), steps=8, ppl_tokens=1024)
+    q = rep["precisions"]["int8-qdq"]
+    assert np.isfinite(q["ppl"]) and q["top1_agreement"] > 0.5
+    assert rep["precisions"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_transformers_reads_the_demo_checkpoint():
+    import torch
+    import transformers as tf
+    ref = tf.DeepseekV3ForCausalLM.from_pretrained(str(DEMO_DIR), attn_implementation="eager", dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(input_ids=ids).logits - load_model(DEMO_DIR)(ids)[0]).abs().max() <= 1e-4
