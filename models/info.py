@@ -8,7 +8,8 @@ from .config import MLAConfig
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="Hugging Face model folder (config.json + *.safetensors; default: the embedded demo model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"], help="cache dtype for the byte counts")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -27,7 +28,9 @@ _SHOWN = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_h
 
 
 def run(args) -> int:
-    info = describe(args.model_dir, args.dtype)
+    from .demo_path import default_model_dir
+
+    info = describe(str(default_model_dir(args.model_dir)), args.dtype)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
