@@ -61,7 +61,8 @@ class MLAConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # Only used for the GQA comparison in the cache contract; MLA itself has no KV heads.
+    # Only used for the GQA comparison in the cache contract; MLA itself has no KV heads. Missing means
+    # num_attention_heads (transformers' DeepSeek classes would default it to 128, which breaks their eager attention).
     num_key_value_heads: int | None = None
     # MiniCPM3 scalings; the DeepSeek defaults make them no-ops.
     scale_emb: float = 1.0
@@ -125,8 +126,6 @@ class MLAConfig:
             rope = {**dataclasses.asdict(self.rope_scaling), "rope_theta": self.rope_theta}
             rope = {k: v for k, v in rope.items() if v is not None}
         d["rope_parameters"] = rope
-        if self.num_key_value_heads is None:  # transformers' DeepSeek classes default it to 128; MLA ignores it
-            d["num_key_value_heads"] = self.num_attention_heads
         if self.model_type != "minicpm3":
             for k in ("scale_emb", "scale_depth", "dim_model_base"):
                 d.pop(k)
@@ -234,7 +233,7 @@ def _from_hf(d: dict) -> MLAConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
         pad_token_id=d.get("pad_token_id"),
-        num_key_value_heads=d.get("num_key_value_heads"),
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         # MiniCPM3's class defaults match openbmb/MiniCPM3-4B; null means no-op.
         scale_emb=float(d.get("scale_emb", 12) or 1.0) if minicpm else 1.0,
         scale_depth=(d.get("scale_depth", 1.4) if minicpm else None),

@@ -76,14 +76,15 @@ class Manifest:
         return bool(ort) and ort.get("platform") == platform.machine()
 
     def model_path(self, precision: str, verify: bool = True, ort_format: bool = False) -> Path:
-        """Path of one precision's model file (or its ORT-format companion); with verify, the sha256 of every
-        file it needs is checked first."""
+        """Path of one precision's model file (or its ORT-format companion); with verify, the sha256 of every file
+        of that precision (the .onnx, any external data, the .ort) is checked first."""
         if precision not in self.data["files"]:
             raise ManifestError(f"precision {precision!r} is not in this export (has: {', '.join(self.precisions)})")
         entry = self.data["files"][precision]
+        files = entry["files"] + ([entry["ort"]] if entry.get("ort") else [])  # a tampered export is refused whole
         if ort_format:
-            entry = {"path": entry["ort"]["path"], "files": [entry["ort"]]}
-        for f in entry["files"]:
+            entry = {"path": entry["ort"]["path"]}
+        for f in files:
             p = self.folder / f["path"]
             if not p.is_file():
                 raise ManifestError(f"model file {p} listed in {MANIFEST} is missing")

@@ -140,6 +140,10 @@ def test_tampered_model_file(text_export, tmp_path):
     with pytest.raises(ManifestError, match="model.int8.onnx does not match its sha256"):
         Generator(bad)
     Generator(bad, "fp32")  # the untouched precision still loads
+    ort_file = bad / "model.ort"  # the ORT-format file, which is what the CPU runtime loads
+    ort_file.write_bytes(ort_file.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(ManifestError, match="model.ort does not match its sha256"):
+        Generator(bad, "fp32")
 
 
 def test_cli_generate_and_errors(text_export, capsys):
