@@ -16,6 +16,7 @@ COMMANDS = {
     "info": ("mla_edge.models.info", "print a model's config and its cache size per token (MLA vs MHA vs GQA)"),
     "export": ("mla_edge.export.cli", "export a model to ONNX with an explicit latent cache, and quantize it"),
     "generate": ("mla_edge.runtime.generate_cli", "generate text from an export folder with onnxruntime (no torch)"),
+    "budget": ("mla_edge.runtime.budget_cli", "largest context that fits a memory budget, as MLA vs MHA/GQA, by precision"),
     "bench": ("mla_edge.runtime.bench_cli", "measure PyTorch eager vs onnxruntime fp32/int8/int4 side by side (speed, RSS)"),
     "parity": ("mla_edge.export.parity_cli", "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity"),
 }
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return importlib.import_module(args._module).run(args) or 0
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except (UserError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"mla-edge {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -95,3 +95,16 @@ def test_transformers_reads_the_demo_checkpoint():
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ref(input_ids=ids).logits - load_model(DEMO_DIR)(ids)[0]).abs().max() <= 1e-4
+
+
+def test_budget_planner_matches_measured_rss(demo_run):
+    """Calibrate the overhead on real generate runs at three contexts, then predict three others within 10%."""
+    from mla_edge.runtime.budget import calibrate, measure_generate, predict_rss
+    from mla_edge.runtime.manifest import Manifest
+    out = demo_run[1]
+    cal = calibrate(out, contexts=(64, 768, 1536))
+    man = Manifest.read(out)
+    for ctx in (256, 1024, 1900):
+        s = measure_generate(out, "int8", ctx)
+        pred = predict_rss(man.data["files"]["int8"]["bytes"], man.data["cache"]["bytes_per_token"], s["cache_tokens"], 1, cal)
+        assert abs(pred / s["peak_rss_bytes"] - 1) <= 0.10, (ctx, pred, s["peak_rss_bytes"])

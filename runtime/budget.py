@@ -1,0 +1,172 @@
+"""Edge memory budgets: the largest context (and batch) that fits a memory budget, for this model as MLA and as
+the same model would be with an MHA or a GQA cache, for fp32/fp16/int8 weights and fp32/fp16/int8 cache. Torch-free.
+
+RSS = weights + batch x context x cache_bytes_per_token + overhead(context), where overhead(context) = base +
+per_token x context is *measured*: `calibrate` runs `mla-edge generate` at several contexts and fits it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mla_edge.models.cache import DTYPE_BYTES, comparison
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def parse_memory(text: str) -> int:
+    """'512MB', '1.5GiB', '300000000' -> bytes (decimal MB/GB, binary MiB/GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS:
+        raise BudgetError(f"memory {text!r} is not a size: write e.g. 512MB, 1.5GB or 300MiB")
+    n = float(m.group(1)) * UNITS[m.group(2).upper()]
+    if n <= 0:
+        raise BudgetError(f"memory must be more than 0, got {text!r}")
+    return int(n)
+
+
+def param_count(cfg) -> int:
+    """Parameters of the dense MLA decoder from its config alone (the checkpoint's tensor table, summed)."""
+    C, H, V, I = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.intermediate_size
+    R, Dr, Dn, Dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    q = C * H * (Dn + Dr) if not cfg.q_lora_rank else C * cfg.q_lora_rank + cfg.q_lora_rank * (1 + H * (Dn + Dr))
+    layer = 2 * C + q + C * (R + Dr) + R + R * H * (Dn + Dv) + H * Dv * C + 3 * C * I
+    return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + C
+
+
+def model_facts(folder: str | Path) -> dict:
+    """Config and weight bytes from an export folder (measured file sizes) or a HF model folder (parameter count)."""
+    from mla_edge.models.config import MLAConfig
+
+    from .manifest import MANIFEST, Manifest
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        man = Manifest.read(folder)
+        model = man.data["model"]
+        cfg = MLAConfig.from_dict(model)
+        files = man.data["files"]
+        weights = {"fp32": files["fp32"]["bytes"], "fp16": files["fp32"]["bytes"] // 2}
+        if "int8" in files:
+            weights["int8"] = files["int8"]["bytes"]
+        source = "export file sizes (fp16 = fp32 / 2)"
+    else:
+        cfg = MLAConfig.from_pretrained(folder)
+        n = param_count(cfg)
+        weights = {k: n * b for k, b in WEIGHT_BYTES.items()}
+        source = f"{n:,} parameters x bytes per weight"
+    weights.setdefault("int8", param_count(cfg))
+    return {"config": cfg, "weights": weights, "weights_source": source}
+
+
+def cache_per_token(cfg, cache: str) -> dict[str, int]:
+    cmp = comparison(cfg, CACHE_DTYPES[cache])
+    return {form: cmp[form]["bytes_per_token"] for form in ("mla", "gqa", "mha")}
+
+
+def plan(folder, memory: int, batch: int = 1, calibration: dict | None = None) -> dict:
+    if batch < 1:
+        raise BudgetError(f"batch must be >= 1, got {batch}")
+    facts = model_facts(folder)
+    cfg = facts["config"]
+    cal = calibration or DEFAULT_CALIBRATION
+    base, per_tok = cal["base_bytes"], cal["per_token_bytes"]
+    rows = []
+    for w, wbytes in facts["weights"].items():
+        for c in CACHE_DTYPES:
+            for form, cbytes in cache_per_token(cfg, c).items():
+                free = memory - wbytes - base
+                ctx = int(free // (batch * cbytes + per_tok)) if free > 0 else 0
+                rows.append({"attention": form, "weights": w, "cache": c, "weights_bytes": wbytes,
+                             "cache_bytes_per_token": cbytes, "max_context": ctx,
+                             "max_context_capped": min(ctx, cfg.max_position_embeddings), "fits": ctx > 0})
+    smallest = min(facts["weights"].values()) + base
+    if memory < smallest:
+        raise BudgetError(f"a budget of {memory / 2**20:.1f} MiB cannot even hold the smallest weights plus the runtime "
+                          f"({smallest / 2**20:.1f} MiB: {min(facts['weights'].values()) / 2**20:.1f} MiB weights + "
+                          f"{base / 2**20:.1f} MiB measured runtime overhead)")
+    return {"memory_bytes": memory, "batch": batch, "model_type": cfg.model_type,
+            "max_position_embeddings": cfg.max_position_embeddings, "weights_source": facts["weights_source"],
+            "calibration": cal, "rows": rows}
+
+
+def predict_rss(weights_bytes: int, cache_bytes_per_token: int, context: int, batch: int, calibration: dict) -> float:
+    return (weights_bytes + batch * context * cache_bytes_per_token + calibration["base_bytes"]
+            + calibration["per_token_bytes"] * context)
+
+
+def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: int = 8) -> dict:
+    """Peak RSS of a real `mla-edge generate` whose cache ends at `context` tokens (prompt = context - new_tokens)."""
+    prompt_len = context - new_tokens
+    words = ("the old house stood at the end of the lane and " * (prompt_len // 4 + 8)).split()
+    from tokenizers import Tokenizer
+
+    from .manifest import Manifest
+    tok = Tokenizer.from_file(str(Manifest.read(out_dir).tokenizer_path))
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest word prefix that tokenizes to at most prompt_len - 1 tokens (bos is added)
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode(" ".join(words[:mid])).ids) + 1 <= prompt_len:
+            lo = mid
+        else:
+            hi = mid - 1
+    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), " ".join(words[:lo]), "--json",
+           "--provider", "cpu", "--precision", precision, "--max-new-tokens", str(new_tokens)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise BudgetError(f"calibration run failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout)["stats"]
+
+
+def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1536)) -> dict:
+    """Fit overhead(context) = base + per_token x context by least squares on real runs."""
+    from .manifest import Manifest
+
+    out_dir = Path(out_dir)
+    man = Manifest.read(out_dir)
+    weights = man.data["files"][precision]["bytes"]
+    points = []
+    for ctx in contexts:
+        s = measure_generate(out_dir, precision, ctx)
+        overhead = s["peak_rss_bytes"] - weights - s["cache_bytes"]
+        points.append({"context": s["cache_tokens"], "peak_rss_bytes": s["peak_rss_bytes"], "overhead_bytes": overhead})
+    n = len(points)
+    mx = sum(p["context"] for p in points) / n
+    my = sum(p["overhead_bytes"] for p in points) / n
+    sxx = sum((p["context"] - mx) ** 2 for p in points)
+    slope = sum((p["context"] - mx) * (p["overhead_bytes"] - my) for p in points) / sxx if sxx else 0.0
+    slope = max(slope, 0.0)
+    return {"base_bytes": int(my - slope * mx), "per_token_bytes": slope, "precision": precision,
+            "export": str(out_dir), "contexts": [p["context"] for p in points], "prefill_chunk": 256, "points": points}
+
+
+# Measured by `calibrate` on this project's 2-core x86_64 machine: the demo model, int8, prefill chunks of 256
+# (README "Edge memory budgets"). The per-token part is mostly prefill attention scratch held by onnxruntime's
+# arena (heads x chunk x context floats, a few copies), not the cache: recalibrate for other models.
+DEFAULT_CALIBRATION = {"base_bytes": 77_251_917, "per_token_bytes": 68_161.5, "precision": "int8",
+                       "export": "demo model, 2026-11-28", "contexts": [63, 767, 1535], "prefill_chunk": 256}
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"budget {p['memory_bytes'] / 2**20:,.1f} MiB, batch {p['batch']} ({p['model_type']}; weights from "
+             f"{p['weights_source']}; runtime overhead {p['calibration']['base_bytes'] / 2**20:.1f} MiB + "
+             f"{p['calibration']['per_token_bytes']:.0f} B/token, measured)",
+             f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}"]
+    by = {}
+    for r in p["rows"]:
+        by.setdefault((r["weights"], r["cache"]), {})[r["attention"]] = r["max_context"]
+    for (w, c), ctx in by.items():
+        lines.append(f"  {w:8s} {c:6s} " + " ".join(f"{ctx[f]:>14,d}" for f in ("mla", "gqa", "mha")))
+    lines.append(f"  (contexts past the model's max_position_embeddings = {p['max_position_embeddings']:,} would need RoPE scaling)")
+    return "\n".join(lines)
+
+
