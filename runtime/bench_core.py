@@ -6,12 +6,13 @@ backend uses, so no backend pays for conversions the other does not.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from .rss import peak_rss_bytes
 
 PROMPT_LENS = (128, 512)
 PASTS = (128, 1024)
@@ -59,10 +60,6 @@ def measure(step, empty_cache, vocab: int, repeats: int = 5, decode_steps: int =
 def parse_lengths(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
-
-def peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
 
 
 def emit(result: dict) -> None:

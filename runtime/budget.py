@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mla_edge.models.cache import DTYPE_BYTES, comparison
+from mla_edge.models.cache import comparison
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}

@@ -4,8 +4,6 @@ No torch. The tokenizer is the export's tokenizer.json, read by the `tokenizers`
 """
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 
 from mla_edge.models.cache import DTYPE_BYTES, comparison
 
+from .rss import peak_rss_bytes
 from .sampling import Sampler, SamplingOptions
 from .session import LatentSession
 from .textstream import TextStream
@@ -35,10 +34,6 @@ class GenerationResult:
     prompt_tokens: int
     stats: dict = field(default_factory=dict)
 
-
-def peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 
@@ -21,10 +22,48 @@ def add_arguments(p) -> None:
     p.add_argument("--opt-level", default="all", choices=["none", "basic", "extended", "all"], help="onnxruntime graph optimization level")
     p.add_argument("--optimized-cache", metavar="DIR", help="save onnxruntime's optimized graph here and reuse it on later runs")
     p.add_argument("--no-iobinding", action="store_true", help="copy the cache through numpy each step (for comparison)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="run under an enforced memory limit, e.g. 300MB (a cgroup where "
+                   "writable, else RLIMIT_AS); exceeding it is a clear error")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prefill long prompts in chunks of this many tokens "
+                   "(smaller: less attention scratch memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
 
+def _child_argv(args) -> list[str]:
+    """The same generate command, minus --memory-limit, for the limited child process."""
+    argv = ["generate", *args.args, "--provider", args.provider, "--max-new-tokens", str(args.max_new_tokens),
+            "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+            "--repetition-penalty", str(args.repetition_penalty), "--opt-level", args.opt_level,
+            "--prefill-chunk", str(args.prefill_chunk)]
+    for flag, value in (("--precision", args.precision), ("--threads", args.threads), ("--seed", args.seed),
+                        ("--optimized-cache", args.optimized_cache)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for s in args.stop:
+        argv += ["--stop", s]
+    return argv + (["--no-iobinding"] if args.no_iobinding else []) + (["--json"] if args.json else [])
+
+
+def run_with_limit(args) -> int:
+    from .budget import parse_memory
+    from .cli import UserError
+    from .memlimit import MemoryLimitExceeded, run_limited
+
+    limit = parse_memory(args.memory_limit)
+    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", *_child_argv(args)]
+    try:
+        proc, info = run_limited(cmd, limit, stderr=subprocess.PIPE, text=True)
+    except MemoryLimitExceeded as e:
+        raise UserError(str(e)) from None
+    sys.stderr.write(proc.stderr)
+    peak = f", peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else ""
+    print(f"[memory limit] {info['limit_bytes'] / 2**20:.1f} MiB enforced by {info['mechanism']}{peak}", file=sys.stderr)
+    return proc.returncode
+
+
 def run(args) -> int:
+    if args.memory_limit:
+        return run_with_limit(args)
     from .demo_export import default_export_dir
     from .generate import Generator
     from .sampling import SamplingOptions
@@ -35,7 +74,7 @@ def run(args) -> int:
     prompt = args.args[-1]
     sampling = SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     gen = Generator(out_dir, args.precision, args.provider, args.threads, iobinding=not args.no_iobinding,
-                    opt_level=args.opt_level, optimized_cache=args.optimized_cache)
+                    opt_level=args.opt_level, optimized_cache=args.optimized_cache, prefill_chunk=args.prefill_chunk)
     gen.encode(prompt)  # a bad prompt fails here, before anything is printed
     kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
     if args.json:

@@ -108,3 +108,56 @@ def test_budget_planner_matches_measured_rss(demo_run):
         s = measure_generate(out, "int8", ctx)
         pred = predict_rss(man.data["files"]["int8"]["bytes"], man.data["cache"]["bytes_per_token"], s["cache_tokens"], 1, cal)
         assert abs(pred / s["peak_rss_bytes"] - 1) <= 0.10, (ctx, pred, s["peak_rss_bytes"])
+
+
+@pytest.fixture(scope="module")
+def mha_sized_export(tmp_path_factory):
+    """The demo architecture with kv_lora_rank widened until the cache holds what MHA would (640 per token per
+    layer = 8 heads x (48 + 32)): same depth, width and vocabulary, random weights, int8."""
+    import shutil
+
+    import torch
+
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    from mla_edge.models.checkpoint import save_model
+    from mla_edge.models.config import MLAConfig
+    from mla_edge.models.mla import MLAForCausalLM
+    root = tmp_path_factory.mktemp("mha_sized")
+    d = json.loads((DEMO_DIR / "config.json").read_text())
+    d["kv_lora_rank"] = d["num_attention_heads"] * (d["qk_nope_head_dim"] + d["qk_rope_head_dim"] + d["v_head_dim"]) \
+        - d["qk_rope_head_dim"]
+    torch.manual_seed(0)
+    model = MLAForCausalLM(MLAConfig.from_dict(d))
+    save_model(model, root / "hf", extra_files={"tokenizer.json": DEMO_DIR / "tokenizer.json"})
+    export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8",), progress=False))
+    shutil.rmtree(root / "hf")
+    return root / "out"
+
+
+def test_mla_fits_a_memory_limit_that_an_mha_sized_cache_does_not(demo_run, mha_sized_export):
+    """Under an enforced limit (a cgroup here), the MLA demo generates to a 2,000-token context; the same model with
+    an MHA-sized cache cannot."""
+    import subprocess
+    import sys
+
+    from mla_edge.runtime.memlimit import MemoryLimitExceeded, mechanism, run_limited
+    if mechanism() == "rlimit-as":
+        pytest.skip("no writable cgroup: RLIMIT_AS limits virtual memory, which this comparison does not use")
+    assert Manifest.read(mha_sized_export).data["cache"]["bytes_per_token"] == 8 * Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
+
+    def gen(out, limit):
+        cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out), "It was", "--provider", "cpu",
+               "--precision", "int8", "--max-new-tokens", "1990", "--json"]
+        proc, info = run_limited(cmd, limit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        return json.loads(proc.stdout)["stats"], info["peak_bytes"]
+
+    s_mla, peak_mla = gen(demo_run[1], 2**30)
+    s_mha, peak_mha = gen(mha_sized_export, 2**30)
+    assert s_mla["cache_tokens"] >= 1990 and s_mha["cache_tokens"] >= 1990
+    assert peak_mha > peak_mla + 20 * 2**20, (peak_mla, peak_mha)  # the cache difference is 26 MiB at this context
+    limit = (peak_mla + peak_mha) // 2
+    stats, _ = gen(demo_run[1], limit)
+    assert stats["new_tokens"] == 1990
+    with pytest.raises(MemoryLimitExceeded, match="memory limit"):
+        gen(mha_sized_export, limit)

@@ -201,3 +201,16 @@ def test_bench_runs_and_reports(text_export):
     assert "torch-eager-fp32" in format_report(rep) and "decode@40 ms" in format_report(rep)
     with pytest.raises(ValueError, match="needs 1040 positions but the model's context holds 96"):
         run_bench(text_export[1], ["int8"], repeats=1)
+
+
+def test_generate_memory_limit_errors(text_export, capsys):
+    from mla_edge.runtime.memlimit import mechanism
+    out = str(text_export[1])
+    assert main(["generate", out, "hi", "--provider", "cpu", "--memory-limit", "banana"]) == 2
+    assert "not a size" in capsys.readouterr().err
+    if mechanism() == "rlimit-as":
+        pytest.skip("no writable cgroup here")
+    assert main(["generate", out, "The old", "--provider", "cpu", "--max-new-tokens", "5", "--memory-limit", "1GB"]) == 0
+    assert "enforced by cgroup" in capsys.readouterr().err
+    assert main(["generate", out, "The old", "--provider", "cpu", "--memory-limit", "8MB"]) == 2
+    assert "needed more than the 7.6 MiB memory limit" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Run a command under an enforced memory limit, and say clearly when the limit was hit. Torch-free.
+
+Mechanisms, best first:
+  cgroup-v2  a child cgroup with memory.max (and memory.swap.max = 0) under /sys/fs/cgroup (needs write access)
+  cgroup-v1  a child of the memory controller with memory.limit_in_bytes (and memsw where present)
+  rlimit-as  RLIMIT_AS on the child: limits *virtual* address space, which onnxruntime and numpy reserve
+             generously (a process with 86 MiB resident maps ~300 MiB), so the same number is far stricter
+A cgroup limit counts resident memory (and page cache), as a phone's low-memory killer does.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+V2 = Path("/sys/fs/cgroup")
+V1 = Path("/sys/fs/cgroup/memory")
+
+
+class MemoryLimitExceeded(RuntimeError):
+    pass
+
+
+def _writable(p: Path) -> bool:
+    return p.is_dir() and os.access(p, os.W_OK)
+
+
+def mechanism() -> str:
+    if (V2 / "cgroup.controllers").is_file() and "memory" in (V2 / "cgroup.controllers").read_text() and _writable(V2):
+        return "cgroup-v2"
+    if _writable(V1) and (V1 / "memory.limit_in_bytes").exists():
+        return "cgroup-v1"
+    return "rlimit-as"
+
+
+class _Cgroup:
+    def __init__(self, kind: str, limit: int):
+        self.kind = kind
+        self.path = (V2 if kind == "cgroup-v2" else V1) / f"mla-edge-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        if kind == "cgroup-v2":
+            (self.path / "memory.max").write_text(str(limit))
+            if (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")
+        else:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+            memsw = self.path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                memsw.write_text(str(limit))
+
+    def enter(self) -> None:  # runs in the child between fork and exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int | None:
+        f = self.path / ("memory.peak" if self.kind == "cgroup-v2" else "memory.max_usage_in_bytes")
+        try:
+            return int(f.read_text().split()[0])
+        except (OSError, ValueError):
+            return None
+
+    def oom_killed(self) -> bool:
+        f = self.path / ("memory.events" if self.kind == "cgroup-v2" else "memory.oom_control")
+        try:
+            for line in f.read_text().splitlines():
+                key, _, val = line.partition(" ")
+                if key in ("oom_kill", "oom") and int(val) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def run_limited(cmd: list[str], limit: int, **popen) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run cmd with its memory capped at `limit` bytes; returns (the finished process, info). Raises MemoryLimitExceeded
+    when the child was killed by the limit or failed to allocate under it."""
+    kind = mechanism()
+    group = _Cgroup(kind, limit) if kind.startswith("cgroup") else None
+
+    def preexec():
+        if group:
+            group.enter()
+        else:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    try:
+        proc = subprocess.run(cmd, preexec_fn=preexec, **popen)
+        info = {"mechanism": kind, "limit_bytes": limit, "peak_bytes": group.peak() if group else None}
+        oom = proc.returncode == -signal.SIGKILL or (group is not None and group.oom_killed())
+        if not oom and proc.returncode and isinstance(proc.stderr, str):  # rlimit: allocations fail instead
+            oom = any(s in proc.stderr for s in ("MemoryError", "bad_alloc", "Failed to allocate", "Cannot allocate"))
+        if oom:
+            raise MemoryLimitExceeded(
+                f"the run needed more than the {limit / 2**20:.1f} MiB memory limit ({kind}) and was stopped"
+                + (f"; peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else ""))
+        return proc, info
+    finally:
+        if group:
+            group.remove()
