@@ -170,3 +170,32 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def plot(p: dict, folder, path: str | Path, weights: str = "int8", cache: str = "fp32", max_context: int | None = None) -> Path:
+    """Memory against context length for MLA, GQA and MHA caches (matplotlib, the optional `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BudgetError("--plot needs matplotlib: pip install 'mla-edge[plot]'") from None
+    facts = model_facts(folder)
+    cfg, cal = facts["config"], p["calibration"]
+    top = max_context or max(cfg.max_position_embeddings, 2048)
+    xs = list(range(0, top + 1, max(1, top // 200)))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for form, color in (("mha", "tab:red"), ("gqa", "tab:orange"), ("mla", "tab:blue")):
+        per_tok = cache_per_token(cfg, cache)[form]
+        ys = [predict_rss(facts["weights"][weights], per_tok, x, p["batch"], cal) / 2**20 for x in xs]
+        ax.plot(xs, ys, color=color, label=f"{form.upper()} cache ({per_tok:,} B/token, {cache})")
+    ax.axhline(p["memory_bytes"] / 2**20, color="black", linestyle="--", label=f"budget {p['memory_bytes'] / 2**20:,.0f} MiB")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("predicted RSS (MiB)")
+    ax.set_title(f"{cfg.model_type}: {weights} weights, batch {p['batch']}, measured runtime overhead")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

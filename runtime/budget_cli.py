@@ -12,12 +12,15 @@ def add_arguments(p) -> None:
                    help="measure the runtime overhead on this export (runs `mla-edge generate` at 3 contexts) instead of "
                         "using the demo model's measured calibration")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw memory against context for MHA, GQA and MLA (needs matplotlib)")
+    p.add_argument("--plot-weights", default="int8", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--plot-cache", default="fp32", choices=["fp32", "fp16", "int8"])
 
 
 def run(args) -> int:
     from mla_edge.models.demo_path import default_model_dir
 
-    from .budget import calibrate, format_plan, parse_memory, plan
+    from .budget import calibrate, format_plan, parse_memory, plan, plot
 
     memory = parse_memory(args.memory)
     folder = default_model_dir(args.folder)
@@ -32,4 +35,6 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(p, f, indent=2)
+    if args.plot:
+        print(f"plot: {plot(p, folder, args.plot, args.plot_weights, args.plot_cache)}")
     return 0
