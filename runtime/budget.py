@@ -14,6 +14,8 @@ from pathlib import Path
 
 from mla_edge.models.cache import comparison
 
+from .generate import PREFILL_CHUNK
+
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
@@ -146,14 +148,14 @@ def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1
     slope = sum((p["context"] - mx) * (p["overhead_bytes"] - my) for p in points) / sxx if sxx else 0.0
     slope = max(slope, 0.0)
     return {"base_bytes": int(my - slope * mx), "per_token_bytes": slope, "precision": precision,
-            "export": str(out_dir), "contexts": [p["context"] for p in points], "prefill_chunk": 256, "points": points}
+            "export": str(out_dir), "contexts": [p["context"] for p in points], "prefill_chunk": PREFILL_CHUNK, "points": points}
 
 
-# Measured by `calibrate` on this project's 2-core x86_64 machine: the demo model, int8, prefill chunks of 256
+# Measured by `calibrate` on this project's 2-core x86_64 machine: the demo model, int8, prefill chunks of 64
 # (README "Edge memory budgets"). The per-token part is mostly prefill attention scratch held by onnxruntime's
 # arena (heads x chunk x context floats, a few copies), not the cache: recalibrate for other models.
-DEFAULT_CALIBRATION = {"base_bytes": 77_251_917, "per_token_bytes": 68_161.5, "precision": "int8",
-                       "export": "demo model, 2026-11-28", "contexts": [63, 767, 1535], "prefill_chunk": 256}
+DEFAULT_CALIBRATION = {"base_bytes": 80_468_046, "per_token_bytes": 20_944.8, "precision": "int8",
+                       "export": "demo model, 2026-11-28", "contexts": [63, 767, 1535], "prefill_chunk": 64}
 
 
 def format_plan(p: dict) -> str:

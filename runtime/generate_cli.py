@@ -24,8 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-iobinding", action="store_true", help="copy the cache through numpy each step (for comparison)")
     p.add_argument("--memory-limit", metavar="SIZE", help="run under an enforced memory limit, e.g. 300MB (a cgroup where "
                    "writable, else RLIMIT_AS); exceeding it is a clear error")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prefill long prompts in chunks of this many tokens "
-                   "(smaller: less attention scratch memory)")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prefill long prompts in chunks of this many tokens "
+                   "(smaller: less attention scratch memory; default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
 

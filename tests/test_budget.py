@@ -44,3 +44,11 @@ def test_budget_cli_errors(tiny_ckpt, capsys):
     assert "cannot even hold" in capsys.readouterr().err
     assert main(["budget", str(tiny_ckpt), "--memory", "1GB"]) == 0
     assert "MLA max ctx" in capsys.readouterr().out
+
+
+def test_plot_draws_a_png(tiny_ckpt, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mla_edge.runtime.budget import plot
+    p = plan(tiny_ckpt, parse_memory("300MB"))
+    out = plot(p, tiny_ckpt, tmp_path / "b.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
