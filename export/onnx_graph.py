@@ -34,21 +34,23 @@ class OnnxDecoder(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = model.cfg.num_hidden_layers
+        self.per_layer = len(CacheContract.from_config(model.cfg, model.cache_dtype).kinds)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        n = self.per_layer
+        cache = [tuple(past[n * i: n * (i + 1)]) for i in range(self.num_layers)]
         logits, new = self.model(input_ids, position_ids, attention_mask, cache)
-        return (logits, *[t for pair in new for t in pair])
+        return (logits, *[t for entries in new for t in entries])
 
 
-def graph_names(cfg) -> tuple[list[str], list[str]]:
-    contract = CacheContract.from_config(cfg)
+def graph_names(cfg, cache_dtype: str = "float32") -> tuple[list[str], list[str]]:
+    contract = CacheContract.from_config(cfg, cache_dtype)
     return list(GRAPH_INPUTS) + contract.past_names(), list(GRAPH_OUTPUTS) + contract.present_names()
 
 
-def graph_specs(cfg) -> dict:
+def graph_specs(cfg, cache_dtype: str = "float32") -> dict:
     """Inputs and outputs with symbolic shapes, as the manifest records them."""
-    contract = CacheContract.from_config(cfg)
+    contract = CacheContract.from_config(cfg, cache_dtype)
     ids = {"shape": [BATCH, SEQ], "dtype": "int64"}
     inputs = [{"name": "input_ids", **ids}, {"name": "attention_mask", "shape": [BATCH, TOTAL_LEN], "dtype": "int64"},
               {"name": "position_ids", **ids}]
@@ -58,15 +60,20 @@ def graph_specs(cfg) -> dict:
     return {"inputs": inputs, "outputs": outputs}
 
 
-def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4):
+def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype: str = "float32"):
     """Sizes >= 2 and all different: torch.export specialises sizes 0 and 1 and merges equal ones."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = (torch.arange(seq) + past)[None].expand(batch, seq).contiguous()
+    contract = CacheContract.from_config(cfg, cache_dtype)
     cache = []
-    for _ in range(cfg.num_hidden_layers):
-        cache += [torch.randn(batch, past, cfg.kv_lora_rank, generator=g), torch.randn(batch, past, cfg.qk_rope_head_dim, generator=g)]
+    for _, kind in contract.entries():
+        shape = (batch, past, contract.width(kind))
+        if contract.kind_dtype(kind) == "int8":
+            cache.append(torch.randint(-127, 128, shape, generator=g, dtype=torch.int8))
+        else:
+            cache.append(torch.rand(shape, generator=g) + (0.01 if kind.endswith("_scale") else -0.5))
     return (ids, mask, pos, *cache)
 
 
@@ -86,14 +93,14 @@ def quiet():
             lg.setLevel(lv)
 
 
-def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET, cache_dtype: str = "float32") -> Path:
     """Trace with torch.onnx.export(dynamo=True) and named dynamic dims; the caller's model is not modified."""
     import onnx
     from torch.export import Dim
 
     path = Path(path)
     cfg = model.cfg
-    m = copy.deepcopy(model).float().eval().set_attention("absorbed")
+    m = copy.deepcopy(model).float().eval().set_attention("absorbed").set_cache_dtype(cache_dtype)
     for layer in m.model.layers:
         layer.self_attn.materialize_absorbed()
     if cfg.tie_word_embeddings:
@@ -101,21 +108,21 @@ def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OP
         # MatMul(h, Transpose(W)) and int8/int4 would dequantize and transpose the whole embedding every step.
         m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone(), requires_grad=False)
     batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
-    cache_dims = tuple({0: batch, 1: past} for _ in range(2 * cfg.num_hidden_layers))
+    cache_dims = tuple({0: batch, 1: past} for _ in CacheContract.from_config(cfg, cache_dtype).entries())
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
-    in_names, out_names = graph_names(cfg)
+    in_names, out_names = graph_names(cfg, cache_dtype)
     n_bytes = sum(p.numel() * 4 for p in m.parameters())
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as log:
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(OnnxDecoder(m), example_inputs(cfg), dynamo=True, dynamic_shapes=dynamic_shapes,
+            program = torch.onnx.export(OnnxDecoder(m), example_inputs(cfg, cache_dtype=cache_dtype), dynamo=True, dynamic_shapes=dynamic_shapes,
                                         input_names=in_names, output_names=out_names, opset_version=opset,
                                         optimize=True, verbose=False)
         except Exception as e:
             raise RuntimeError(f"torch.onnx.export failed: {e}\n{log.getvalue()[-2000:]}") from e
     program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
     proto = onnx.load(str(path), load_external_data=False)  # the graph only; external weights stay where they are
-    _name_dims(proto, cfg)
+    _name_dims(proto, cfg, cache_dtype)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
@@ -131,9 +138,9 @@ def model_files(path: Path) -> list[str]:
     return [path.name, *sorted(extra)]
 
 
-def _name_dims(proto, cfg) -> None:
+def _name_dims(proto, cfg, cache_dtype: str) -> None:
     """Give every dynamic dim its contract name (torch names the present length 'past_len + seq')."""
-    specs = graph_specs(cfg)
+    specs = graph_specs(cfg, cache_dtype)
     for values, spec in ((proto.graph.input, specs["inputs"]), (proto.graph.output, specs["outputs"])):
         if [v.name for v in values] != [s["name"] for s in spec]:
             raise RuntimeError(f"exported graph names {[v.name for v in values]} differ from the contract {[s['name'] for s in spec]}")

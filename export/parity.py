@@ -103,6 +103,7 @@ def run_parity(model_dir: str | Path, out_dir: str | Path, text: str | None = No
     model = load_model(model_dir)
     sessions = {p: LatentSession(out_dir, p) for p in (precisions or LatentSession(out_dir, "fp32").manifest.precisions)}
     manifest = next(iter(sessions.values())).manifest
+    model.set_cache_dtype(manifest.data["cache"]["dtype"])  # PyTorch keeps the same (possibly int8) cache
     tok = None
     if manifest.tokenizer_path and manifest.tokenizer_path.is_file():
         from tokenizers import Tokenizer
@@ -122,6 +123,7 @@ def run_parity(model_dir: str | Path, out_dir: str | Path, text: str | None = No
     lens = [len(p) for p in prompts]
     ppl_ids = stream[:ppl_tokens]
     report = {"model_dir": str(model_dir), "export_dir": str(out_dir), "steps": steps, "prompt_tokens": lens,
+              "cache_dtype": model.cache_dtype,
               "text_tokens": len(ppl_ids) if text else 0, "precisions": {}}
     torch_greedy = greedy(model, prompts[0], steps)
     if text:
@@ -154,7 +156,8 @@ def format_table(report: dict) -> str:
     head = f"  {'precision':9s} {'max|Δlogit|':>12s} {'top-1 agree':>12s} {'greedy diverges at':>19s} {'MB':>8s}"
     if "torch_ppl" in report:
         head += f" {'ppl':>9s} {'Δppl':>8s}"
-        lines.append(f"  PyTorch fp32 perplexity on {report['text_tokens']} text tokens: {report['torch_ppl']:.3f}")
+        lines.append(f"  PyTorch fp32 ({report['cache_dtype']} cache) perplexity on {report['text_tokens']} text tokens: "
+                     f"{report['torch_ppl']:.3f}")
     lines.append(head)
     for prec, e in report["precisions"].items():
         div = "never" if e["greedy_divergence_step"] is None else f"step {e['greedy_divergence_step']}"

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mla_edge.models.cache import CacheContract
+from mla_edge.models.cache import CACHE_DTYPES, CacheContract
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, file_entry, ort_name
 
@@ -34,6 +34,7 @@ class ExportOptions:
     force: bool = False
     progress: bool = True
     ort_format: bool = True  # also write model.<precision>.ort, optimized for this machine
+    cache_dtype: str = "float32"  # or "int8": the latent stored as int8 with a per-token scale
     extra_manifest: dict = field(default_factory=dict)
 
 
@@ -66,6 +67,8 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = MLAConfig.from_pretrained(model_dir)  # clear errors for a missing config.json or a MoE config
     wanted = tuple(dict.fromkeys(p for p in opts.quantize if p != "none"))
+    if opts.cache_dtype not in CACHE_DTYPES:
+        raise ExportError(f"unknown cache dtype {opts.cache_dtype!r} (choose from {', '.join(CACHE_DTYPES)})")
     for p in wanted:
         if p not in QUANT_CHOICES:
             raise ExportError(f"unknown --quantize {p!r} (choose from {', '.join(QUANT_CHOICES)})")
@@ -125,8 +128,8 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
             return result
 
         model = run_stage("load", lambda: load_model(model_dir))
-        fp32 = run_stage("export fp32", lambda: export_onnx(model, tmp / MODEL_FILE["fp32"], opset=opts.opset))
-        contract = CacheContract.from_config(cfg)
+        fp32 = run_stage("export fp32", lambda: export_onnx(model, tmp / MODEL_FILE["fp32"], opts.opset, opts.cache_dtype))
+        contract = CacheContract.from_config(cfg, opts.cache_dtype)
         for p in wanted:
             dst = tmp / MODEL_FILE[p]
             if p == "int8":
@@ -159,7 +162,7 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
             "model": cfg.to_dict(),
             "max_context": cfg.max_position_embeddings,
             "cache": contract.to_manifest(),
-            "graph": {"attention": "absorbed", "opset": opts.opset, **graph_specs(cfg)},
+            "graph": {"attention": "absorbed", "opset": opts.opset, **graph_specs(cfg, opts.cache_dtype)},
             "tokens": {"bos": cfg.bos_token_id, "eos": list(cfg.eos_token_id), "pad": cfg.pad_token_id},
             "tokenizer": "tokenizer.json" if tokenizer.is_file() else None,
             "files": files,

@@ -66,7 +66,8 @@ def calibration_feeds(fp32_path: Path, tokenizer_path: Path, text: str, contract
     feeds = []
     for s in starts:
         window = np.asarray(ids[s:s + need], dtype=np.int64)[None]
-        past = {n: np.zeros((1, 0, contract.width(k)), np.float32) for n, (_, k) in zip(contract.past_names(), contract.entries())}
+        past = {n: np.zeros((1, 0, contract.width(k)), np.dtype(contract.kind_dtype(k)))
+                for n, (_, k) in zip(contract.past_names(), contract.entries())}
         for t0, t1 in [(0, prefill)] + [(t, t + 1) for t in range(prefill, need)]:
             feed = {"input_ids": window[:, t0:t1], "attention_mask": np.ones((1, t1), np.int64),
                     "position_ids": np.arange(t0, t1, dtype=np.int64)[None], **past}

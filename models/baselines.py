@@ -29,8 +29,8 @@ class GQAttention(nn.Module):
     def cache_elements_per_token(self) -> int:
         return 2 * self.kv_heads * self.head_dim
 
-    def forward(self, x, cos, sin, allowed, c_past, pe_past):
-        if allowed is not None or c_past.shape[1]:
+    def forward(self, x, cos, sin, allowed, past):
+        if allowed is not None or past[0].shape[1]:
             raise NotImplementedError("the MHA/GQA twins are for full-sequence training and evaluation only")
         B, S, _ = x.shape
         H, G, D, Dr = self.cfg.num_attention_heads, self.kv_heads, self.head_dim, self.cfg.qk_rope_head_dim
@@ -42,7 +42,7 @@ class GQAttention(nn.Module):
         if G != H:
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), c_past, pe_past
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), past
 
 
 def kv_heads_for(cfg: MLAConfig, arch: str) -> int:

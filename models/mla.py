@@ -11,17 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import CACHE_DTYPES, CacheContract
 from .config import MLAConfig
 from .rope import apply_rope, cos_sin, inv_freq_and_factor
 
-LatentCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (c_kv (B,P,R), k_pe (B,P,Dr))
+# Per layer, in the cache contract's order: (c_kv (B,P,R), k_pe (B,P,Dr)), or with an int8 cache
+# (c_kv int8, c_kv_scale (B,P,1), k_pe int8, k_pe_scale (B,P,1)).
+LatentCache = list[tuple[torch.Tensor, ...]]
 ATTENTION_FORMS = ("naive", "absorbed")
 MASK_MIN = torch.finfo(torch.float32).min  # finite: -inf would give NaN rows that live on in the cache
 
 
-def empty_cache(cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32) -> LatentCache:
-    return [(torch.zeros(batch, 0, cfg.kv_lora_rank, dtype=dtype), torch.zeros(batch, 0, cfg.qk_rope_head_dim, dtype=dtype))
-            for _ in range(cfg.num_hidden_layers)]
+def empty_cache(cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32, cache_dtype: str = "float32") -> LatentCache:
+    contract = CacheContract.from_config(cfg, cache_dtype)
+    torch_dtype = {"float32": dtype, "int8": torch.int8}
+    return [tuple(torch.zeros(batch, 0, contract.width(k), dtype=torch_dtype[contract.kind_dtype(k)])
+                  for k in contract.kinds) for _ in range(cfg.num_hidden_layers)]
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per token (last dim): x ~ q * scale."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 def attention_allowed(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
@@ -68,7 +79,7 @@ class MLAttention(nn.Module):
         super().__init__()
         if attention not in ATTENTION_FORMS:
             raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
-        self.cfg, self.attention = cfg, attention
+        self.cfg, self.attention, self.cache_dtype = cfg, attention, "float32"
         H, C, bias = cfg.num_attention_heads, cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
@@ -95,9 +106,9 @@ class MLAttention(nn.Module):
         self.w_uk = nn.Parameter(w_uk.detach().contiguous().clone(), requires_grad=False)
         self.w_uv_t = nn.Parameter(w_uv_t.detach().contiguous().clone(), requires_grad=False)
 
-    def forward(self, x, cos, sin, allowed, c_past, pe_past):
-        """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T) or None for plain causal with no past;
-        c_past (B,P,R); pe_past (B,P,Dr). Returns out (B,S,C) and the new latent c_kv (B,T,R), k_pe (B,T,Dr)."""
+    def forward(self, x, cos, sin, allowed, past):
+        """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T) or None for plain causal with no past; past: this layer's
+        cache entries (see LatentCache). Returns out (B,S,C) and the present entries (length T = P + S)."""
         cfg = self.cfg
         B, S, _ = x.shape
         H, Dn, Dv, scale = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.softmax_scale
@@ -109,8 +120,14 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
         pe_new = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
-        c_kv = torch.cat([c_past, c_new], dim=1)  # (B,T,R)
-        k_pe = torch.cat([pe_past, pe_new], dim=1)  # (B,T,Dr)
+        if self.cache_dtype == "int8":  # quantize on write, dequantize the whole latent on read
+            new = (*quantize_per_token(c_new), *quantize_per_token(pe_new))
+            present = tuple(torch.cat([p, n], dim=1) for p, n in zip(past, new))  # c_kv, scale, k_pe, scale
+            c_kv, k_pe = present[0].float() * present[1], present[2].float() * present[3]
+        else:
+            c_kv = torch.cat([past[0], c_new], dim=1)  # (B,T,R)
+            k_pe = torch.cat([past[1], pe_new], dim=1)  # (B,T,Dr)
+            present = (c_kv, k_pe)
 
         if self.attention == "naive":  # decompress per-head K/V from the latent
             kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + Dv).transpose(1, 2)
@@ -118,7 +135,7 @@ class MLAttention(nn.Module):
             if allowed is None:  # plain causal, no past, no padding (training): fused SDPA
                 k = torch.cat([k_nope, k_pe[:, None].expand(B, H, -1, -1)], dim=-1)
                 out = F.scaled_dot_product_attention(torch.cat([q_nope, q_pe], -1), k, v, is_causal=True, scale=scale)
-                return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), c_kv, k_pe
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), present
             scores = (q_nope * scale) @ k_nope.transpose(-1, -2)  # bhsd,bhtd->bhst
         else:  # attend over the latent: W_UK folded into q, W_UV applied after
             w_uk, w_uv_t = self.absorbed_weights()
@@ -133,7 +150,7 @@ class MLAttention(nn.Module):
             out = probs @ v  # bhst,bhtv->bhsv
         else:
             out = (probs @ c_kv[:, None]) @ w_uv_t  # bhst,btc->bhsc; bhsc,hcv->bhsv
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), c_kv, k_pe
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), present
 
 
 class DecoderLayer(nn.Module):
@@ -145,11 +162,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, h, cos, sin, allowed, c_past, pe_past):
-        a, c_kv, k_pe = self.self_attn(self.input_layernorm(h), cos, sin, allowed, c_past, pe_past)
+    def forward(self, h, cos, sin, allowed, past):
+        a, present = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past)
         h = h + a * self.residual_scale
         h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
-        return h, c_kv, k_pe
+        return h, present
 
 
 class MLABody(nn.Module):
@@ -177,6 +194,18 @@ class MLAForCausalLM(nn.Module):
     def attention(self) -> str:
         return self.model.layers[0].self_attn.attention
 
+    @property
+    def cache_dtype(self) -> str:
+        return self.model.layers[0].self_attn.cache_dtype
+
+    def set_cache_dtype(self, cache_dtype: str) -> "MLAForCausalLM":
+        """float32, or int8 with a per-token scale (see mla_edge.models.cache)."""
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+        for layer in self.model.layers:
+            layer.self_attn.cache_dtype = cache_dtype
+        return self
+
     def set_attention(self, attention: str) -> "MLAForCausalLM":
         if attention not in ATTENTION_FORMS:
             raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
@@ -189,7 +218,7 @@ class MLAForCausalLM(nn.Module):
         cfg = self.cfg
         B, S = input_ids.shape
         if cache is None:
-            cache = empty_cache(cfg, B, self.lm_head.weight.dtype)
+            cache = empty_cache(cfg, B, self.lm_head.weight.dtype, self.cache_dtype)
         P = cache[0][0].shape[1]
         plain = attention_mask is None and P == 0
         if attention_mask is None:
@@ -203,9 +232,9 @@ class MLAForCausalLM(nn.Module):
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         new_cache: LatentCache = []
-        for layer, (c_past, pe_past) in zip(self.model.layers, cache):
-            h, c_kv, k_pe = layer(h, cos, sin, allowed, c_past, pe_past)
-            new_cache.append((c_kv, k_pe))
+        for layer, past in zip(self.model.layers, cache):
+            h, present = layer(h, cos, sin, allowed, past)
+            new_cache.append(present)
         return self.model.norm(h), new_cache
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):

@@ -110,12 +110,12 @@ class LatentSession:
         m = self.manifest.data
         self.past_names = self.manifest.past_names
         self.present_names = self.manifest.present_names
-        self.widths = [p["shape"][2] for p in m["cache"]["past"]]
+        self.past_specs = [(p["name"], p["shape"][2], np.dtype(p["dtype"])) for p in m["cache"]["past"]]
         self.vocab_size = m["model"]["vocab_size"]
         self.max_context = m["max_context"]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, 0, w), np.float32) for n, w in zip(self.past_names, self.widths)}
+        return {n: np.zeros((batch, 0, w), dt) for n, w, dt in self.past_specs}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -136,7 +136,7 @@ class LatentSession:
             if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)
             else:
-                b.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
+                b.bind_cpu_input(name, np.ascontiguousarray(value))
         b.bind_output("logits", "cpu")
         for name in self.present_names:
             b.bind_output(name, "cpu")

@@ -197,3 +197,24 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     from mla_edge.runtime.cli import main
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_int8_latent_cache_export(exported, tmp_path):
+    """--cache-dtype int8: int8 latents + per-token scales in the graph, the manifest and the runtime."""
+    from mla_edge.runtime.generate import Generator
+    _, hf_dir, _ = exported
+    out = tmp_path / "q8cache"
+    man = export_folder(hf_dir, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))
+    cache = man["cache"]
+    assert cache["dtype"] == "int8" and cache["bytes_per_token"] == 2 * (16 + 8 + 2 * 4)
+    assert [p["name"] for p in cache["past"][:4]] == ["past.0.c_kv", "past.0.c_kv_scale", "past.0.k_pe", "past.0.k_pe_scale"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+    assert types["past.1.c_kv"] == onnx.TensorProto.INT8 and types["past.1.c_kv_scale"] == onnx.TensorProto.FLOAT
+    model = load_model(hf_dir).set_cache_dtype("int8")
+    sess = LatentSession(out, "fp32")
+    r, lens = rows(2, [11, 6], 16)
+    rep = teacher_forced(model, sess, r, lens, 16, chunk=4)
+    assert rep["max_abs_logit_diff"] <= 2e-2 and rep["top1_agreement"] == 1.0  # int8 rounding edges may differ
+    prompt = rows(1, [9], 0)[0][0]
+    assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(model, prompt, 20)

@@ -94,3 +94,24 @@ def test_left_padded_batch_equals_each_alone(attention):
 def test_bad_attention_form_is_refused():
     with pytest.raises(ValueError, match="attention must be one of"):
         tiny("flash")
+
+
+@torch.no_grad()
+def test_int8_cache_stepwise_equals_full_and_stays_close_to_fp32():
+    m = tiny().set_cache_dtype("int8")
+    x = ids(2, 16, seed=7)
+    full, full_cache = m(x)
+    assert [t.dtype for t in full_cache[0]] == [torch.int8, torch.float32, torch.int8, torch.float32]
+    assert full_cache[0][1].shape == (2, 16, 1)
+    logits, cache = m(x[:, :6])
+    steps = [logits]
+    for t in range(6, 16):
+        logits, cache = m(x[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    for a, b in zip(cache[0], full_cache[0]):  # layer 0: the same int8 codes, up to float noise at a rounding edge
+        assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.int8 else 1e-6)
+    fp32, _ = m.set_cache_dtype("float32")(x)
+    assert 0 < (fp32 - full).abs().max() < 0.1 * fp32.abs().max()
+    with pytest.raises(ValueError, match="cache dtype must be one of"):
+        m.set_cache_dtype("int4")
