@@ -184,7 +184,9 @@ def plot(p: dict, folder, path: str | Path, weights: str = "int8", cache: str = 
         raise BudgetError("--plot needs matplotlib: pip install 'mla-edge[plot]'") from None
     facts = model_facts(folder)
     cfg, cal = facts["config"], p["calibration"]
-    top = max_context or max(cfg.max_position_embeddings, 2048)
+    mla_fit = max((r["max_context"] for r in p["rows"] if r["attention"] == "mla" and r["weights"] == weights
+                   and r["cache"] == cache), default=0)
+    top = max_context or max(cfg.max_position_embeddings, int(1.15 * mla_fit))  # show where each line meets the budget
     xs = list(range(0, top + 1, max(1, top // 200)))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for form, color in (("mha", "tab:red"), ("gqa", "tab:orange"), ("mla", "tab:blue")):
