@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .bench_core import PASTS, PROMPT_LENS
 from .manifest import Manifest
+from .rss import generate_stats
 
 TARGET_SPEEDUP = 2.5  # int8 decode at past 1024 vs PyTorch eager fp32
 RSS_FACTOR, RSS_SLACK = 1.3, 80 * 2**20  # int8 generate peak RSS <= 1.3 x (model + cache) + 80 MB
@@ -43,12 +44,7 @@ def _generate_rss(out_dir: Path, precision: str, threads: int | None, manifest: 
         words.pop()
     prompt = " ".join(words)
     new = min(GEN_NEW_TOKENS, ctx - len(tok.encode(prompt).ids) - 1)
-    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), prompt, "--json", "--provider",
-           "cpu", "--precision", precision, "--max-new-tokens", str(new)] + (["--threads", str(threads)] if threads else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"generate failed: {r.stderr.strip()[-1500:]}")
-    return json.loads(r.stdout)["stats"]
+    return generate_stats(out_dir, prompt, precision, new, threads)
 
 
 def _median_rows(runs: list[dict]) -> dict:

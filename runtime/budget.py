@@ -6,15 +6,13 @@ per_token x context is *measured*: `calibrate` runs `mla-edge generate` at sever
 """
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from mla_edge.models.cache import comparison
 
 from .generate import PREFILL_CHUNK
+from .rss import generate_stats
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -121,12 +119,10 @@ def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: in
             lo = mid
         else:
             hi = mid - 1
-    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), " ".join(words[:lo]), "--json",
-           "--provider", "cpu", "--precision", precision, "--max-new-tokens", str(new_tokens)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise BudgetError(f"calibration run failed: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout)["stats"]
+    try:
+        return generate_stats(out_dir, " ".join(words[:lo]), precision, new_tokens)
+    except RuntimeError as e:
+        raise BudgetError(f"calibration run failed: {e}") from None
 
 
 def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1536)) -> dict:

@@ -17,3 +17,16 @@ def peak_rss_bytes() -> int:
         pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
+
+
+def generate_stats(out_dir, prompt: str, precision: str, max_new_tokens: int, threads: int | None = None) -> dict:
+    """Run `mla-edge generate --json` in a fresh process (so its peak RSS is its own) and return its stats."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out_dir), prompt, "--json", "--provider", "cpu",
+           "--precision", precision, "--max-new-tokens", str(max_new_tokens)] + (["--threads", str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"generate failed: {r.stderr.strip()[-1500:]}")
+    return json.loads(r.stdout)["stats"]
