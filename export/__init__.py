@@ -1,1 +1,1 @@
-"""mla_edge.export: PyTorch -> ONNX with explicit latent-cache inputs/outputs, and quantization."""
+"""Converts: PyTorch -> ONNX graphs, quantization, the export folder, and parity against PyTorch (needs `[export]`)."""

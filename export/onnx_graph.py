@@ -1,27 +1,27 @@
-"""PyTorch MLA decoder -> one ONNX graph with the latent cache as explicit inputs and outputs.
+"""PyTorch MLA decoder -> ONNX graphs with the latent cache as explicit inputs and outputs (the contract's protocols).
 
-Graph contract (names from the cache contract, `mla_edge.models.cache`):
+The dynamic graph (names and symbolic shapes from `mla_edge.contract.dynamic_graph`):
   inputs   input_ids [batch, seq] int64, attention_mask [batch, total_len] int64, position_ids [batch, seq] int64,
            past.{i}.c_kv [batch, past_len, R], past.{i}.k_pe [batch, past_len, Dr]
   outputs  logits [batch, seq, vocab], present.{i}.c_kv [batch, total_len, R], present.{i}.k_pe [batch, total_len, Dr]
-The graph always runs the absorbed form, with W_UK / W_UV^T stored as plain initializers so that the
-quantizers reach them (left as in-graph reshapes of kv_b_proj they would stay fp32).
+Graphs always run the absorbed form, built with ModelOptions(graph_weights=True) so that W_UK / W_UV^T are plain
+initializers the quantizers reach (left as in-graph reshapes of kv_b_proj they would stay fp32).
 """
+
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mla_edge.models.cache import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract
+from mla_edge.contract import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract, dynamic_graph
 from mla_edge.models.mla import MLAForCausalLM
-from mla_edge.runtime.manifest import GRAPH_INPUTS, GRAPH_OUTPUTS
 
 DEFAULT_OPSET = 21  # int4 (MatMulNBits/GatherBlockQuantized) needs 21
 EXTERNAL_DATA_BYTES = 1 << 30  # past ~1 GiB of weights, keep them beside the graph (protobuf caps files at 2 GiB)
@@ -34,33 +34,16 @@ class OnnxDecoder(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = model.cfg.num_hidden_layers
-        self.per_layer = len(CacheContract.from_config(model.cfg, model.cache_dtype).kinds)
+        self.per_layer = len(CacheContract.from_config(model.cfg, model.options.cache_dtype).kinds)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         n = self.per_layer
-        cache = [tuple(past[n * i: n * (i + 1)]) for i in range(self.num_layers)]
+        cache = [tuple(past[n * i : n * (i + 1)]) for i in range(self.num_layers)]
         logits, new = self.model(input_ids, position_ids, attention_mask, cache)
         return (logits, *[t for entries in new for t in entries])
 
 
-def graph_names(cfg, cache_dtype: str = "float32") -> tuple[list[str], list[str]]:
-    contract = CacheContract.from_config(cfg, cache_dtype)
-    return list(GRAPH_INPUTS) + contract.past_names(), list(GRAPH_OUTPUTS) + contract.present_names()
-
-
-def graph_specs(cfg, cache_dtype: str = "float32") -> dict:
-    """Inputs and outputs with symbolic shapes, as the manifest records them."""
-    contract = CacheContract.from_config(cfg, cache_dtype)
-    ids = {"shape": [BATCH, SEQ], "dtype": "int64"}
-    inputs = [{"name": "input_ids", **ids}, {"name": "attention_mask", "shape": [BATCH, TOTAL_LEN], "dtype": "int64"},
-              {"name": "position_ids", **ids}]
-    inputs += [{"name": n, "shape": s, "dtype": t} for n, s, t in contract.past_specs()]
-    outputs = [{"name": "logits", "shape": [BATCH, SEQ, cfg.vocab_size], "dtype": "float32"}]
-    outputs += [{"name": n, "shape": s, "dtype": t} for n, s, t in contract.present_specs()]
-    return {"inputs": inputs, "outputs": outputs}
-
-
-def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype: str = "float32"):
+def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype: str = "fp32"):
     """Sizes >= 2 and all different: torch.export specialises sizes 0 and 1 and merges equal ones."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
@@ -70,7 +53,7 @@ def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype
     cache = []
     for _, kind in contract.entries():
         shape = (batch, past, contract.width(kind))
-        if contract.kind_dtype(kind) == "int8":
+        if contract.element_type(kind) == "int8":
             cache.append(torch.randint(-127, 128, shape, generator=g, dtype=torch.int8))
         else:
             cache.append(torch.rand(shape, generator=g) + (0.01 if kind.endswith("_scale") else -0.5))
@@ -78,7 +61,7 @@ def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype
 
 
 @contextlib.contextmanager
-def quiet():
+def quiet() -> Iterator[None]:
     """Silence torch.onnx's and onnxruntime.quantization's chatter (their errors still raise)."""
     loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "onnxruntime", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -93,36 +76,43 @@ def quiet():
             lg.setLevel(lv)
 
 
-def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET, cache_dtype: str = "float32") -> Path:
-    """Trace with torch.onnx.export(dynamo=True) and named dynamic dims; the caller's model is not modified."""
+def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace the dynamic graph with torch.onnx.export(dynamo=True) and named dynamic dims. The model must be built
+    with ModelOptions(graph_weights=True): the LM head is then untied, so it is MatMul(h, constant W^T), which the
+    quantizers reach (tied, int8/int4 would dequantize and transpose the whole embedding every step)."""
     import onnx
     from torch.export import Dim
 
+    if not model.options.graph_weights:
+        raise ValueError("export_onnx needs a model built with ModelOptions(graph_weights=True)")
     path = Path(path)
-    cfg = model.cfg
-    m = copy.deepcopy(model).float().eval().set_attention("absorbed").set_cache_dtype(cache_dtype)
-    for layer in m.model.layers:
-        layer.self_attn.materialize_absorbed()
-    if cfg.tie_word_embeddings:
-        # Untie in the graph: the LM head becomes MatMul(h, constant W^T), which the quantizers reach. Tied, it is
-        # MatMul(h, Transpose(W)) and int8/int4 would dequantize and transpose the whole embedding every step.
-        m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+    cfg, cache_dtype, m = model.cfg, model.options.cache_dtype, model
     batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
     cache_dims = tuple({0: batch, 1: past} for _ in CacheContract.from_config(cfg, cache_dtype).entries())
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
-    in_names, out_names = graph_names(cfg, cache_dtype)
+    spec = dynamic_graph(CacheContract.from_config(cfg, cache_dtype), cfg.vocab_size)
+    in_names, out_names = [v["name"] for v in spec["inputs"]], [v["name"] for v in spec["outputs"]]
     n_bytes = sum(p.numel() * 4 for p in m.parameters())
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as log:
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(OnnxDecoder(m), example_inputs(cfg, cache_dtype=cache_dtype), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        input_names=in_names, output_names=out_names, opset_version=opset,
-                                        optimize=True, verbose=False)
+            program = torch.onnx.export(
+                OnnxDecoder(m),
+                example_inputs(cfg, cache_dtype=cache_dtype),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=in_names,
+                output_names=out_names,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
         except Exception as e:
             raise RuntimeError(f"torch.onnx.export failed: {e}\n{log.getvalue()[-2000:]}") from e
+    assert program is not None  # dynamo=True always returns a program
     program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
     proto = onnx.load(str(path), load_external_data=False)  # the graph only; external weights stay where they are
-    _name_dims(proto, cfg, cache_dtype)
+    name_dims(proto, spec)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
@@ -134,16 +124,24 @@ def model_files(path: Path) -> list[str]:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     proto = onnx.load(str(path), load_external_data=False)
-    extra = {e.value for t in _get_all_tensors(proto) if uses_external_data(t) for e in t.external_data if e.key == "location"}
+    extra = {
+        e.value
+        for t in _get_all_tensors(proto)
+        if uses_external_data(t)
+        for e in t.external_data
+        if e.key == "location"
+    }
     return [path.name, *sorted(extra)]
 
 
-def _name_dims(proto, cfg, cache_dtype: str) -> None:
-    """Give every dynamic dim its contract name (torch names the present length 'past_len + seq')."""
-    specs = graph_specs(cfg, cache_dtype)
+def name_dims(proto, specs: dict) -> None:
+    """Check the graph's I/O names against the contract and give every dynamic dim its contract name (torch names
+    the present length 'past_len + seq')."""
     for values, spec in ((proto.graph.input, specs["inputs"]), (proto.graph.output, specs["outputs"])):
         if [v.name for v in values] != [s["name"] for s in spec]:
-            raise RuntimeError(f"exported graph names {[v.name for v in values]} differ from the contract {[s['name'] for s in spec]}")
+            raise RuntimeError(
+                f"exported graph names {[v.name for v in values]} differ from the contract {[s['name'] for s in spec]}"
+            )
         for v, s in zip(values, spec):
             for dim, want in zip(v.type.tensor_type.shape.dim, s["shape"]):
                 if isinstance(want, str):

@@ -4,41 +4,58 @@ Per precision: max |Δlogit| at the prefill and at each teacher-forced decode st
 step where free-running greedy decoding diverges from PyTorch, and perplexity on a text (so that the quality
 cost of int8/int4 is one number). Also a left-padded batch of two prompts of different lengths.
 """
+
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from mla_edge.models.mla import positions_from_mask
+from mla_edge.contract import positions_from_mask
+from mla_edge.models.checkpoint import load_model
+from mla_edge.models.mla import MLAForCausalLM, ModelOptions, empty_cache
 from mla_edge.runtime.generate import left_pad
 from mla_edge.runtime.session import LatentSession
 
 DEFAULT_PROMPTS = ("The old house stood at the end of the lane, and", "She looked at him")
 
 
-def _torch_step(model, ids, mask, pos, cache):
-    with torch.no_grad():
+def _torch_step(model: MLAForCausalLM, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: Any) -> tuple:
+    with torch.inference_mode():
         logits, cache = model(torch.as_tensor(ids), torch.as_tensor(pos), torch.as_tensor(mask), cache)
     return logits.numpy(), cache
 
 
-def teacher_forced(model, sess: LatentSession, rows: list[list[int]], prompt_lens: list[int], steps: int,
-                   chunk: int | None = None) -> dict:
+def torch_backend(model_dir: str | Path, threads: int) -> tuple[Callable, Callable, int]:
+    """PyTorch eager fp32 (absorbed) as the benchmark's baseline: (step, empty_cache(batch), vocab size), where
+    step(ids, mask, positions, cache) -> (numpy logits, cache) matches LatentSession.step."""
+    torch.set_num_threads(threads)
+    model = load_model(model_dir, ModelOptions(attention="absorbed"))
+    return (
+        lambda ids, mask, pos, cache: _torch_step(model, ids, mask, pos, cache),
+        lambda batch: empty_cache(model.cfg, batch),
+        model.cfg.vocab_size,
+    )
+
+
+def teacher_forced(
+    model, sess: LatentSession, rows: list[list[int]], prompt_lens: list[int], steps: int, chunk: int | None = None
+) -> dict:
     """Prefill each row's prompt (left-padded; optionally in chunks, so later chunks run with past > 0), then feed
     the true next tokens one at a time. Compares logits of real (unpadded) positions at every step."""
     width = max(prompt_lens)
     prompts, mask, _ = left_pad([r[:n] for r, n in zip(rows, prompt_lens)], pad_id=0)
-    follow = np.asarray([r[n:n + steps] for r, n in zip(rows, prompt_lens)], np.int64)
+    follow = np.asarray([r[n : n + steps] for r, n in zip(rows, prompt_lens)], np.int64)
     diffs, agree, total = [], 0, 0
     t_cache, o_cache = None, sess.empty_cache(len(rows))
     bounds = list(range(0, width, chunk or width)) + [width]
     for s0, s1 in zip(bounds[:-1], bounds[1:]):  # prefill, possibly chunked
         m = mask[:, :s1]
-        pos = positions_from_mask(torch.as_tensor(m), s1 - s0).numpy()
+        pos = positions_from_mask(m, s1 - s0)
         t_logits, t_cache = _torch_step(model, prompts[:, s0:s1], m, pos, t_cache)
         o_logits, o_cache = sess.step(prompts[:, s0:s1], m, pos, o_cache)
         real = mask[:, s0:s1].astype(bool)
@@ -48,8 +65,8 @@ def teacher_forced(model, sess: LatentSession, rows: list[list[int]], prompt_len
         total += int(real.sum())
     for t in range(steps):
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], 1)
-        pos = positions_from_mask(torch.as_tensor(mask), 1).numpy()
-        x = follow[:, t:t + 1]
+        pos = positions_from_mask(mask, 1)
+        x = follow[:, t : t + 1]
         t_logits, t_cache = _torch_step(model, x, mask, pos, t_cache)
         o_logits, o_cache = sess.step(x, mask, pos, o_cache)
         diffs.append(float(np.abs(t_logits - o_logits).max()))
@@ -78,15 +95,16 @@ def greedy(model_or_sess, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def perplexity(step_fn, ids: list[int], window: int) -> float:
-    """exp(mean NLL) over non-overlapping windows, each a fresh prefill."""
+def perplexity(step_fn: Callable[[np.ndarray], Any], ids: list[int], window: int) -> float:
+    """exp(mean NLL) over non-overlapping windows, each a fresh prefill; step_fn(ids (1, S)) -> logits (1, S, V)
+    as numpy or torch (PyTorch, onnxruntime and the research recipes all score text with this one function)."""
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, window):
-        chunk = np.asarray([ids[s:s + window + 1]], np.int64)
+        chunk = np.asarray([ids[s : s + window + 1]], np.int64)
         if chunk.shape[1] < 2:
             break
         x, y = chunk[:, :-1], chunk[0, 1:]
-        logits = step_fn(x)[0].astype(np.float64)
+        logits = np.asarray(step_fn(x))[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(y)), y].sum())
@@ -94,22 +112,35 @@ def perplexity(step_fn, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def run_parity(model_dir: str | Path, out_dir: str | Path, text: str | None = None, steps: int = 32,
-               ppl_tokens: int = 4096, window: int = 256, precisions: list[str] | None = None, progress: bool = False) -> dict:
+def run_parity(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    text: str | None = None,
+    steps: int = 32,
+    ppl_tokens: int = 4096,
+    window: int = 256,
+    precisions: list[str] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Compare PyTorch with every precision (or `precisions`) of the export; perplexity only when there is text and
+    a tokenizer to read it (never on random ids)."""
     from tqdm import tqdm
 
-    from mla_edge.models.checkpoint import load_model
+    from mla_edge.runtime.manifest import Manifest
 
-    model = load_model(model_dir)
-    sessions = {p: LatentSession(out_dir, p) for p in (precisions or LatentSession(out_dir, "fp32").manifest.precisions)}
-    manifest = next(iter(sessions.values())).manifest
-    model.set_cache_dtype(manifest.data["cache"]["dtype"])  # PyTorch keeps the same (possibly int8) cache
+    manifest = Manifest.read(out_dir)
+    sessions = {p: LatentSession(out_dir, p, "cpu") for p in (precisions or manifest.precisions)}
+    # PyTorch keeps the same (possibly int8) cache as the export
+    model = load_model(model_dir, ModelOptions(cache_dtype=manifest.data["cache"]["dtype"]))
     tok = None
     if manifest.tokenizer_path and manifest.tokenizer_path.is_file():
         from tokenizers import Tokenizer
+
         tok = Tokenizer.from_file(str(manifest.tokenizer_path))
     vocab = model.cfg.vocab_size
     rng = np.random.default_rng(0)
+    if tok is None:
+        text = None  # no tokenizer: ids are random, and a "text" perplexity of random ids would mean nothing
     if text and tok:
         stream = tok.encode(text).ids
     else:
@@ -119,16 +150,23 @@ def run_parity(model_dir: str | Path, out_dir: str | Path, text: str | None = No
     else:
         prompts = [rng.integers(0, vocab, size=n).tolist() for n in (12, 5)]
     # teacher-forced continuations come from the text stream (or random ids) after each prompt
-    rows = [p + stream[i * 97: i * 97 + steps] for i, p in enumerate(prompts)]
+    rows = [p + stream[i * 97 : i * 97 + steps] for i, p in enumerate(prompts)]
     lens = [len(p) for p in prompts]
     ppl_ids = stream[:ppl_tokens]
-    report = {"model_dir": str(model_dir), "export_dir": str(out_dir), "steps": steps, "prompt_tokens": lens,
-              "cache_dtype": model.cache_dtype,
-              "text_tokens": len(ppl_ids) if text else 0, "precisions": {}}
+    report: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "export_dir": str(out_dir),
+        "steps": steps,
+        "prompt_tokens": lens,
+        "cache_dtype": model.options.cache_dtype,
+        "text_tokens": len(ppl_ids) if text else 0,
+        "precisions": {},
+    }
     torch_greedy = greedy(model, prompts[0], steps)
     if text:
-        report["torch_ppl"] = perplexity(lambda x: _torch_step(model, x, np.ones_like(x), np.arange(x.shape[1])[None], None)[0],
-                                         ppl_ids, window)
+        report["torch_ppl"] = perplexity(
+            lambda x: _torch_step(model, x, np.ones_like(x), np.arange(x.shape[1])[None], None)[0], ppl_ids, window
+        )
     bar = tqdm(sessions.items(), desc="parity", disable=not progress, dynamic_ncols=True)
     for prec, sess in bar:
         bar.set_postfix_str(prec)
@@ -137,14 +175,24 @@ def run_parity(model_dir: str | Path, out_dir: str | Path, text: str | None = No
         two = teacher_forced(model, sess, rows, lens, steps)
         ours = greedy(sess, prompts[0], steps)
         diverge = next((i for i, (a, b) in enumerate(zip(torch_greedy, ours)) if a != b), None)
-        entry = {"batch1": one, "batch1_chunked_prefill": chunked, "batch2_left_padded": two,
-                 "max_abs_logit_diff": max(one["max_abs_logit_diff"], chunked["max_abs_logit_diff"], two["max_abs_logit_diff"]),
-                 "top1_agreement": (one["top1_agreement"] + two["top1_agreement"]) / 2,
-                 "greedy_divergence_step": diverge, "greedy_identical": diverge is None,
-                 "file_bytes": manifest.data["files"][prec]["bytes"]}
+        entry = {
+            "batch1": one,
+            "batch1_chunked_prefill": chunked,
+            "batch2_left_padded": two,
+            "max_abs_logit_diff": max(
+                one["max_abs_logit_diff"], chunked["max_abs_logit_diff"], two["max_abs_logit_diff"]
+            ),
+            "top1_agreement": (one["top1_agreement"] + two["top1_agreement"]) / 2,
+            "greedy_divergence_step": diverge,
+            "greedy_identical": diverge is None,
+            "file_bytes": manifest.data["files"][prec]["bytes"],
+        }
         if text:
-            ppl = perplexity(lambda x: sess.step(x, np.ones_like(x), np.arange(x.shape[1])[None], sess.empty_cache(1))[0],
-                             ppl_ids, window)
+            ppl = perplexity(
+                lambda x: sess.step(x, np.ones_like(x), np.arange(x.shape[1])[None], sess.empty_cache(1))[0],
+                ppl_ids,
+                window,
+            )
             entry["ppl"] = ppl
             entry["ppl_change_vs_torch"] = ppl / report["torch_ppl"] - 1
         report["precisions"][prec] = entry
@@ -156,17 +204,18 @@ def format_table(report: dict) -> str:
     head = f"  {'precision':9s} {'max|Δlogit|':>12s} {'top-1 agree':>12s} {'greedy diverges at':>19s} {'MB':>8s}"
     if "torch_ppl" in report:
         head += f" {'ppl':>9s} {'Δppl':>8s}"
-        lines.append(f"  PyTorch fp32 ({report['cache_dtype']} cache) perplexity on {report['text_tokens']} text tokens: "
-                     f"{report['torch_ppl']:.3f}")
+        lines.append(
+            f"  PyTorch fp32 ({report['cache_dtype']} cache) perplexity on {report['text_tokens']} text tokens: "
+            f"{report['torch_ppl']:.3f}"
+        )
     lines.append(head)
     for prec, e in report["precisions"].items():
         div = "never" if e["greedy_divergence_step"] is None else f"step {e['greedy_divergence_step']}"
-        row = f"  {prec:9s} {e['max_abs_logit_diff']:>12.2e} {e['top1_agreement']:>12.1%} {div:>19s} {e['file_bytes'] / 1e6:>8.2f}"
+        row = (
+            f"  {prec:9s} {e['max_abs_logit_diff']:>12.2e} {e['top1_agreement']:>12.1%} {div:>19s} "
+            f"{e['file_bytes'] / 1e6:>8.2f}"
+        )
         if "ppl" in e:
             row += f" {e['ppl']:>9.3f} {e['ppl_change_vs_torch']:>+8.2%}"
         lines.append(row)
     return "\n".join(lines)
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -3,22 +3,33 @@
 Everything is written to a temp folder beside OUT_DIR and renamed into place only when complete, so a
 failure at any stage leaves no half-written export behind.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mla_edge.models.cache import CACHE_DTYPES, CacheContract
+from mla_edge.contract import (
+    CACHE_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    PRECISIONS,
+    CacheContract,
+    dynamic_graph,
+    ort_name,
+)
 from mla_edge.models.config import MLAConfig
-from mla_edge.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, file_entry, ort_name
+from mla_edge.runtime.manifest import file_entry, ort_target
 
-QUANT_CHOICES = ("none", "int8", "int4", "int8-qdq")
+QUANT_CHOICES = ("none", *PRECISIONS[1:])
 
 
 class ExportError(ValueError):
@@ -34,34 +45,40 @@ class ExportOptions:
     force: bool = False
     progress: bool = True
     ort_format: bool = True  # also write model.<precision>.ort, optimized for this machine
-    cache_dtype: str = "float32"  # or "int8": the latent stored as int8 with a per-token scale
-    extra_manifest: dict = field(default_factory=dict)
+    cache_dtype: str = "fp32"  # or "int8": the latent stored as int8 with a per-token scale
 
 
-def _check_output(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
+def is_export(folder: Path) -> bool:
+    """A folder that an mla-edge export wrote (its manifest says so): the only kind --force may replace."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an output path that exists (without --force, or that is not an mla-edge export) or
+    that cannot be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.exists() and not force:
+        raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not is_export(out_dir):
+        raise ExportError(
+            f"output folder {out_dir} exists and is not an mla-edge export (no {MANIFEST}): --force "
+            "replaces only earlier exports, so choose another -o"
+        )
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {out_dir} is not writable (no write permission on {parent})")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOptions = ExportOptions()) -> dict:
     """Export and quantize; returns the manifest written to OUT_DIR/mla_edge.json."""
+    from mla_edge.models.checkpoint import atomic_folder
+
     from .onnx_graph import quiet
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -81,45 +98,45 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             raise ExportError(f"calibration text {calib} not found")
         if not tokenizer.is_file():
             raise ExportError(f"int8-qdq calibration needs {tokenizer} to tokenize the calibration text")
-    _check_output(out_dir, opts.force)
+    check_output(out_dir, opts.force)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create the parent of output folder {out_dir}: {e.strerror}") from None
-
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as e:
-        raise ExportError(f"output folder {out_dir} is not writable: {e.strerror}") from None
-    try:
-        with quiet():
+        with atomic_folder(out_dir) as tmp, quiet():
             manifest = _build(model_dir, tmp, cfg, wanted, tokenizer, calib, opts)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the export is an ordinary folder
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except PermissionError as e:
+        raise ExportError(f"output folder {out_dir} is not writable: {e.strerror or e}") from None
     return manifest
 
 
-def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], tokenizer: Path,
-           calib: Path | None, opts: ExportOptions) -> dict:
+def _build(
+    model_dir: Path,
+    tmp: Path,
+    cfg: MLAConfig,
+    wanted: tuple[str, ...],
+    tokenizer: Path,
+    calib: Path | None,
+    opts: ExportOptions,
+) -> dict:
     """Every file of the export, written into tmp; one progress-bar stage per step."""
     import torch
     from tqdm import tqdm
 
     from mla_edge.models.checkpoint import load_model
+    from mla_edge.models.mla import ModelOptions
 
     from . import quantize as q
-    from .onnx_graph import export_onnx, graph_specs, model_files, save_ort_format
+    from .onnx_graph import export_onnx, model_files, save_ort_format
 
-    stages = ["load", "export fp32", *[f"quantize {p}" for p in wanted], *(["ort format"] if opts.ort_format else []),
-              "manifest"]
+    stages = [
+        "load",
+        "export fp32",
+        *[f"quantize {p}" for p in wanted],
+        *(["ort format"] if opts.ort_format else []),
+        "manifest",
+    ]
     timings: dict[str, float] = {}
     with tqdm(total=len(stages), desc="export", unit="stage", disable=not opts.progress, dynamic_ncols=True) as bar:
-        def run_stage(name, fn):
+
+        def run_stage(name: str, fn: Callable[[], Any]) -> Any:
             bar.set_postfix_str(name)
             t0 = time.time()
             result = fn()
@@ -127,8 +144,9 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
             bar.update(1)
             return result
 
-        model = run_stage("load", lambda: load_model(model_dir))
-        fp32 = run_stage("export fp32", lambda: export_onnx(model, tmp / MODEL_FILE["fp32"], opts.opset, opts.cache_dtype))
+        options = ModelOptions(attention="absorbed", cache_dtype=opts.cache_dtype, graph_weights=True)
+        model = run_stage("load", lambda: load_model(model_dir, options))
+        fp32 = run_stage("export fp32", lambda: export_onnx(model, tmp / MODEL_FILE["fp32"], opts.opset))
         contract = CacheContract.from_config(cfg, opts.cache_dtype)
         for p in wanted:
             dst = tmp / MODEL_FILE[p]
@@ -137,21 +155,26 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
             elif p == "int4":
                 run_stage("quantize int4", lambda: q.quantize_int4(fp32, dst, opts.int4_block_size))
             else:
-                text = Path(calib).read_text(encoding="utf-8")
-                run_stage("quantize int8-qdq", lambda: q.quantize_int8_qdq(
-                    fp32, dst, q.calibration_feeds(fp32, tokenizer, text, contract)))
-        ort_ok = {}
+                text = Path(calib).read_text(encoding="utf-8")  # type: ignore[arg-type]  # checked before
+                run_stage(
+                    "quantize int8-qdq",
+                    lambda: q.quantize_int8_qdq(fp32, dst, q.calibration_feeds(fp32, tokenizer, text, contract)),
+                )
+        ort_ok: dict[str, bool] = {}
         if opts.ort_format:
-            ort_ok = run_stage("ort format", lambda: {p: save_ort_format(tmp / MODEL_FILE[p], tmp / ort_name(p))
-                                                     for p in ("fp32", *wanted)})
+            ort_ok = run_stage(
+                "ort format",
+                lambda: {
+                    p: save_ort_format(tmp / MODEL_FILE[p], tmp / ort_name(MODEL_FILE[p])) for p in ("fp32", *wanted)
+                },
+            )
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files = {p: file_entry(tmp, p, model_files(tmp / MODEL_FILE[p])) for p in ("fp32", *wanted)}
         for p in files:
             if ort_ok.get(p):
-                files[p]["ort"] = {**file_entry(tmp, p, [ort_name(p)])["files"][0], "platform": platform.machine(),
-                                   "optimization": "all"}
+                files[p]["ort"] = {**file_entry(tmp, p, [ort_name(MODEL_FILE[p])])["files"][0], **ort_target()}
         if "int4" in files:
             files["int4"]["block_size"] = opts.int4_block_size
         manifest = {
@@ -162,12 +185,11 @@ def _build(model_dir: Path, tmp: Path, cfg: MLAConfig, wanted: tuple[str, ...], 
             "model": cfg.to_dict(),
             "max_context": cfg.max_position_embeddings,
             "cache": contract.to_manifest(),
-            "graph": {"attention": "absorbed", "opset": opts.opset, **graph_specs(cfg, opts.cache_dtype)},
+            "graph": {"attention": "absorbed", "opset": opts.opset, **dynamic_graph(contract, cfg.vocab_size)},
             "tokens": {"bos": cfg.bos_token_id, "eos": list(cfg.eos_token_id), "pad": cfg.pad_token_id},
             "tokenizer": "tokenizer.json" if tokenizer.is_file() else None,
             "files": files,
             "export_seconds": timings,
-            **opts.extra_manifest,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         bar.update(1)

@@ -4,12 +4,15 @@ int8      dynamic, per-channel int8 weights on MatMul and Gather (the embedding)
 int4      weight-only MatMulNBits (and GatherBlockQuantized for the embedding), symmetric, configurable block size.
 int8-qdq  static QDQ calibrated on prefill and decode steps of a text: the format NPU execution providers want.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import numpy as np
+
+from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheContract
 
 # The ops we quantize. Always passed explicitly: the default list reaches ops that break attention.
 OP_TYPES = ["MatMul", "Gather"]
@@ -30,11 +33,25 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     batched = batched_weight_matmuls(src)
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=OP_TYPES, per_channel=True, nodes_to_exclude=batched,
-                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=OP_TYPES,
+        per_channel=True,
+        nodes_to_exclude=batched,
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
     if batched:
-        quantize_dynamic(str(dst), str(dst), op_types_to_quantize=["MatMul"], per_channel=False,
-                         nodes_to_quantize=batched, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            str(dst),
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=False,
+            nodes_to_quantize=batched,
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
@@ -44,14 +61,27 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"int4 block size must be a power of two >= 16, got {block_size}")
     model = onnx.load(str(src))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                             op_types_to_quantize=tuple(OP_TYPES), quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=block_size,
+        is_symmetric=True,
+        op_types_to_quantize=tuple(OP_TYPES),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
     q.process()
     onnx.save_model(q.model.model, str(dst))
 
 
-def calibration_feeds(fp32_path: Path, tokenizer_path: Path, text: str, contract, windows: int = 6,
-                      prefill: int = 48, decode: int = 12) -> list[dict]:
+def calibration_feeds(
+    fp32_path: Path,
+    tokenizer_path: Path,
+    text: str,
+    contract: CacheContract,
+    windows: int = 6,
+    prefill: int = 48,
+    decode: int = 12,
+) -> list[dict]:
     """Feeds for prefill and decode steps: each window is prefilled, then decoded token by token with the
     fp32 graph's own present cache fed back, so that cache inputs see realistic values and lengths."""
     import onnxruntime as ort
@@ -65,12 +95,18 @@ def calibration_feeds(fp32_path: Path, tokenizer_path: Path, text: str, contract
     starts = np.linspace(0, len(ids) - need, num=windows).astype(int)
     feeds = []
     for s in starts:
-        window = np.asarray(ids[s:s + need], dtype=np.int64)[None]
-        past = {n: np.zeros((1, 0, contract.width(k)), np.dtype(contract.kind_dtype(k)))
-                for n, (_, k) in zip(contract.past_names(), contract.entries())}
+        window = np.asarray(ids[s : s + need], dtype=np.int64)[None]
+        past = {
+            n: np.zeros((1, 0, contract.width(k)), np.dtype(contract.element_type(k)))
+            for n, (_, k) in zip(contract.past_names(), contract.entries())
+        }
         for t0, t1 in [(0, prefill)] + [(t, t + 1) for t in range(prefill, need)]:
-            feed = {"input_ids": window[:, t0:t1], "attention_mask": np.ones((1, t1), np.int64),
-                    "position_ids": np.arange(t0, t1, dtype=np.int64)[None], **past}
+            feed = {
+                INPUT_IDS: window[:, t0:t1],
+                ATTENTION_MASK: np.ones((1, t1), np.int64),
+                POSITION_IDS: np.arange(t0, t1, dtype=np.int64)[None],
+                **past,
+            }
             feeds.append(feed)
             outs = sess.run(None, feed)
             past = dict(zip(contract.past_names(), outs[1:]))
@@ -81,13 +117,21 @@ def quantize_int8_qdq(src: Path, dst: Path, feeds: list[dict]) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self) -> None:
             self.it = iter(feeds)
 
-        def get_next(self):
+        def get_next(self) -> dict | None:
             return next(self.it, None)
 
     logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=OP_TYPES,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )

@@ -2,23 +2,25 @@
 
 Safetensors only, never pickle. Every error names the tensor or the config field.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .config import MLAConfig
-from .mla import MLAForCausalLM
+from .mla import MLAForCausalLM, ModelOptions
 from .rope import inv_freq_and_factor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -29,8 +31,7 @@ def tensor_table(cfg: MLAConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """The one name table: HF tensor name -> (shape, the config fields that set it)."""
     C, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
     R, Dr, I = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.intermediate_size
-    t = {"model.embed_tokens.weight": ((V, C), "vocab_size, hidden_size"),
-         "model.norm.weight": ((C,), "hidden_size")}
+    t = {"model.embed_tokens.weight": ((V, C), "vocab_size, hidden_size"), "model.norm.weight": ((C,), "hidden_size")}
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = ((V, C), "vocab_size, hidden_size")
     for i in range(cfg.num_hidden_layers):
@@ -39,17 +40,26 @@ def tensor_table(cfg: MLAConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         t[p + "post_attention_layernorm.weight"] = ((C,), "hidden_size")
         a = p + "self_attn."
         if cfg.q_lora_rank is None:
-            t[a + "q_proj.weight"] = ((H * cfg.qk_head_dim, C), "q_lora_rank=null, num_attention_heads, qk_nope_head_dim, qk_rope_head_dim")
+            t[a + "q_proj.weight"] = (
+                (H * cfg.qk_head_dim, C),
+                "q_lora_rank=null, num_attention_heads, qk_nope_head_dim, qk_rope_head_dim",
+            )
         else:
             Q = cfg.q_lora_rank
             t[a + "q_a_proj.weight"] = ((Q, C), "q_lora_rank, hidden_size")
             t[a + "q_a_layernorm.weight"] = ((Q,), "q_lora_rank")
-            t[a + "q_b_proj.weight"] = ((H * cfg.qk_head_dim, Q), "num_attention_heads, qk_nope_head_dim, qk_rope_head_dim, q_lora_rank")
+            t[a + "q_b_proj.weight"] = (
+                (H * cfg.qk_head_dim, Q),
+                "num_attention_heads, qk_nope_head_dim, qk_rope_head_dim, q_lora_rank",
+            )
             if cfg.attention_bias:
                 t[a + "q_a_proj.bias"] = ((Q,), "attention_bias, q_lora_rank")
         t[a + "kv_a_proj_with_mqa.weight"] = ((R + Dr, C), "kv_lora_rank, qk_rope_head_dim, hidden_size")
         t[a + "kv_a_layernorm.weight"] = ((R,), "kv_lora_rank")
-        t[a + "kv_b_proj.weight"] = ((H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R), "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank")
+        t[a + "kv_b_proj.weight"] = (
+            (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R),
+            "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank",
+        )
         t[a + "o_proj.weight"] = ((C, H * cfg.v_head_dim), "hidden_size, num_attention_heads, v_head_dim")
         if cfg.attention_bias:
             t[a + "kv_a_proj_with_mqa.bias"] = ((R + Dr,), "attention_bias, kv_lora_rank, qk_rope_head_dim")
@@ -89,7 +99,11 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded, convert them to safetensors)" if pickles else ""
+        hint = (
+            f" (found {', '.join(pickles)}: pickle checkpoints are not loaded, convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"no *.safetensors weights in {model_dir}{hint}")
     files = {}
     for shard in shards:
@@ -101,7 +115,9 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def read_state_dict(model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Read and validate every tensor the config implies; errors name the tensor and the config fields."""
     from safetensors import safe_open
 
@@ -116,18 +132,27 @@ def read_state_dict(model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = 
     if missing or unexpected:
         hints = []
         if cfg.q_lora_rank is None and any(".q_a_proj." in n for n in unexpected):
-            hints.append("config says q_lora_rank=null but the weights have q_a_proj/q_b_proj: config contradicts weights")
+            hints.append(
+                "config says q_lora_rank=null but the weights have q_a_proj/q_b_proj: config contradicts weights"
+            )
         if cfg.q_lora_rank is not None and any(".q_proj." in n for n in unexpected):
-            hints.append(f"config says q_lora_rank={cfg.q_lora_rank} but the weights have q_proj: config contradicts weights")
+            hints.append(
+                f"config says q_lora_rank={cfg.q_lora_rank} but the weights have q_proj: config contradicts weights"
+            )
         if "lm_head.weight" in missing:
             hints.append("lm_head.weight is missing: should tie_word_embeddings be true?")
         if any(".mlp.experts." in n or ".mlp.gate." in n for n in unexpected):
             hints.append("the weights hold MoE experts but the config is dense")
         parts = []
         if missing:
-            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            parts.append(
+                f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
         if unexpected:
-            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(
+                f"unexpected tensors ({len(unexpected)}): "
+                f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            )
         raise CheckpointError(f"checkpoint {model_dir} does not match its config: " + "; ".join(parts + hints))
 
     by_file: dict[Path, list[str]] = {}
@@ -143,7 +168,8 @@ def read_state_dict(model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = 
                     if tuple(t.shape) != shape:
                         raise CheckpointError(
                             f"tensor {n!r} has shape {tuple(t.shape)} but the config ({fields}) implies {shape}: "
-                            "config contradicts weights")
+                            "config contradicts weights"
+                        )
                     if not t.is_floating_point():
                         raise CheckpointError(f"tensor {n!r} has dtype {t.dtype}; expected a float tensor")
                     state[n] = t.to(dtype)
@@ -154,24 +180,72 @@ def read_state_dict(model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = 
     return state
 
 
-def load_model(model_dir: str | Path, attention: str = "absorbed", dtype: torch.dtype = torch.float32) -> MLAForCausalLM:
-    """config.json + safetensors -> MLAForCausalLM in eval mode."""
+def load_model(
+    model_dir: str | Path, options: ModelOptions = ModelOptions(), dtype: torch.dtype = torch.float32
+) -> MLAForCausalLM:
+    """config.json + safetensors -> MLAForCausalLM in eval mode, computing as `options` say."""
     cfg = MLAConfig.from_pretrained(model_dir)
     state = read_state_dict(model_dir, cfg, dtype)
     with torch.device("meta"):
-        model = MLAForCausalLM(cfg, attention)
+        model = MLAForCausalLM(cfg, options)
     model.to_empty(device="cpu")
     model = model.to(dtype)
     model.inv_freq = inv_freq_and_factor(cfg)[0]  # not in checkpoints; to_empty left it uninitialised
-    model.load_state_dict(state, strict=False)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not options.graph_weights:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
-def save_model(model: MLAForCausalLM, out_dir: str | Path, dtype: str = "float32", max_shard_bytes: int | None = None,
-               extra_files: dict[str, Path] | None = None) -> Path:
-    """Write config.json + safetensors (sharded with an index past max_shard_bytes) atomically: a temp dir, then rename."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside out_dir; when the block succeeds it becomes out_dir in one rename (an
+    existing out_dir is swapped out and removed only then), and when it fails nothing of it is left. Temp and backup
+    folders that a killed run left behind (their process is gone) are removed first. Callers decide whether an
+    existing out_dir may be replaced."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise PermissionError(f"cannot write beside {out_dir}: {e.strerror}") from None
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = stale.name[len(out_dir.name) + 2 :].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(
+    model: MLAForCausalLM,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes) atomically (see atomic_folder)."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -189,11 +263,9 @@ def save_model(model: MLAForCausalLM, out_dir: str | Path, dtype: str = "float32
             size = 0
         shards[-1][n] = t
         size += nbytes
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         cfg_dict = model.cfg.to_dict()
-        cfg_dict["torch_dtype"] = dtype
+        cfg_dict["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
@@ -204,18 +276,9 @@ def save_model(model: MLAForCausalLM, out_dir: str | Path, dtype: str = "float32
                 save_file(shard, str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        if out_dir.exists():
-            backup = out_dir.with_name(out_dir.name + ".old")
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-

@@ -3,6 +3,7 @@
 Torch-free on purpose: the CLI, the exporter's manifest and the budget planner read it without torch.
 Field names are Hugging Face's (DeepSeek-V2/V3, MiniCPM3), so a config.json maps field for field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,7 @@ class MLAConfig:
 
     @property
     def softmax_scale(self) -> float:
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:
             m = yarn_mscale(rs.factor, rs.mscale_all_dim)
@@ -99,11 +100,11 @@ class MLAConfig:
 
     # ---- (de)serialisation --------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict) -> "MLAConfig":
+    def from_dict(cls, d: dict) -> MLAConfig:
         return _from_hf(d)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "MLAConfig":
+    def from_pretrained(cls, model_dir: str | Path) -> MLAConfig:
         path = Path(model_dir)
         if path.is_dir():
             path = path / "config.json"
@@ -119,7 +120,11 @@ class MLAConfig:
 
     def to_dict(self) -> dict:
         """A Hugging Face-style config.json dict that `from_dict` reads back to an equal config."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_scaling", "rope_theta")}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("extra", "rope_scaling", "rope_theta")
+        }
         d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
@@ -135,10 +140,22 @@ class MLAConfig:
         return {**self.extra, **d}
 
 
-_ARCH = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "minicpm3": "MiniCPM3ForCausalLM"}
+_ARCH = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "minicpm3": "MiniCPM3ForCausalLM",
+}
 
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+)
 
 
 def _rope(d: dict) -> tuple[float, RopeScaling | None]:
@@ -189,7 +206,9 @@ def _check_dense(d: dict) -> None:
 def _from_hf(d: dict) -> MLAConfig:
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model_type {mt!r} is not an MLA model we support (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ConfigError(
+            f"model_type {mt!r} is not an MLA model we support (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     for k in _REQUIRED:
         if d.get(k) is None:
             raise ConfigError(f"config field {k!r} is missing")

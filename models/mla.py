@@ -5,15 +5,22 @@ R kv_lora_rank, C hidden size. Einsum letters: b s t h, d (qk nope), r (rope), v
 
 Module and parameter names equal the Hugging Face DeepSeek names, so a state_dict is a checkpoint.
 """
+
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CACHE_DTYPES, CacheContract
+from mla_edge.contract import CACHE_DTYPES, CacheContract, positions_from_mask
+
 from .config import MLAConfig
 from .rope import apply_rope, cos_sin, inv_freq_and_factor
+
+__all__ = ["MLAForCausalLM", "ModelOptions", "empty_cache", "positions_from_mask", "quantize_per_token"]
 
 # Per layer, in the cache contract's order: (c_kv (B,P,R), k_pe (B,P,Dr)), or with an int8 cache
 # (c_kv int8, c_kv_scale (B,P,1), k_pe int8, k_pe_scale (B,P,1)).
@@ -22,17 +29,54 @@ ATTENTION_FORMS = ("naive", "absorbed")
 MASK_MIN = torch.finfo(torch.float32).min  # finite: -inf would give NaN rows that live on in the cache
 
 
-def empty_cache(cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32, cache_dtype: str = "float32") -> LatentCache:
-    contract = CacheContract.from_config(cfg, cache_dtype)
-    torch_dtype = {"float32": dtype, "int8": torch.int8}
-    return [tuple(torch.zeros(batch, 0, contract.width(k), dtype=torch_dtype[contract.kind_dtype(k)])
-                  for k in contract.kinds) for _ in range(cfg.num_hidden_layers)]
+# A cache quantizer: (x (B,S,W), layer, kind) -> (int8 codes, float32 scale (B,S,1)) with x ~ codes * scale.
+CacheQuantizer = Callable[[torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per token (last dim): x ~ q * scale."""
+def quantize_per_token(x: torch.Tensor, layer: int = 0, kind: str = "c_kv") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per token (last dim): x ~ q * scale. What every export ships."""
     scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model computes, chosen when it is built; the architecture itself is MLAConfig.
+
+    attention      "naive" decompresses per-head K/V from the latent; "absorbed" folds W_UK into the query and W_UV
+                   into the output so attention runs over the latent
+    cache_dtype    "fp32", or "int8" with one scale per token (see mla_edge.contract)
+    graph_weights  for export: W_UK / W_UV^T and an untied LM head held as tensors of their own, derived from the
+                   checkpoint at load, so that they become plain initializers the quantizers reach
+    cache_quantizer  the int8 scheme (default: per token); studies pass their own
+    """
+
+    attention: str = "absorbed"
+    cache_dtype: str = "fp32"
+    graph_weights: bool = False
+    cache_quantizer: CacheQuantizer = quantize_per_token
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.graph_weights and self.attention != "absorbed":
+            raise ValueError("graph_weights holds the absorbed weights: it needs attention='absorbed'")
+
+
+def empty_cache(
+    cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32, cache_dtype: str = "fp32"
+) -> LatentCache:
+    contract = CacheContract.from_config(cfg, cache_dtype)
+    torch_dtype = {"float32": dtype, "int8": torch.int8}
+    return [
+        tuple(
+            torch.zeros(batch, 0, contract.width(k), dtype=torch_dtype[contract.element_type(k)])
+            for k in contract.kinds
+        )
+        for _ in range(cfg.num_hidden_layers)
+    ]
 
 
 def attention_allowed(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
@@ -40,15 +84,9 @@ def attention_allowed(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
     Causality is by cache index, so a prefill after a non-empty past (chunked prefill) is right."""
     total = attention_mask.shape[1]
     key = torch.arange(total, device=attention_mask.device)
-    query = key[total - seq:]
+    query = key[total - seq :]
     causal = key[None, :] <= query[:, None]  # (S, T)
     return causal[None] & attention_mask[:, None, :].bool()
-
-
-def positions_from_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
-    """RoPE positions for the last `seq` tokens of a left-padded batch: real tokens count from 0, pads get 0."""
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return pos[:, -seq:]
 
 
 class RMSNorm(nn.Module):
@@ -75,11 +113,12 @@ class MLP(nn.Module):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: MLAConfig, attention: str = "absorbed"):
+    w_uk: torch.Tensor  # (H, Dn, R), with ModelOptions.graph_weights
+    w_uv_t: torch.Tensor  # (H, R, Dv)
+
+    def __init__(self, cfg: MLAConfig, layer: int, options: ModelOptions):
         super().__init__()
-        if attention not in ATTENTION_FORMS:
-            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
-        self.cfg, self.attention, self.cache_dtype = cfg, attention, "float32"
+        self.cfg, self.layer, self.options = cfg, layer, options
         H, C, bias = cfg.num_attention_heads, cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
@@ -91,20 +130,18 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, C, bias=bias)
+        if options.graph_weights:  # not in state_dict: derived from kv_b_proj whenever weights are loaded
+            self.register_buffer("w_uk", torch.empty(H, cfg.qk_nope_head_dim, cfg.kv_lora_rank), persistent=False)
+            self.register_buffer("w_uv_t", torch.empty(H, cfg.kv_lora_rank, cfg.v_head_dim), persistent=False)
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_UK (H, Dn, R) folds into the query, W_UV^T (H, R, Dv) into the output."""
-        if hasattr(self, "w_uk"):
-            return self.w_uk, self.w_uv_t
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:].transpose(1, 2)
+        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :].transpose(1, 2)
 
-    def materialize_absorbed(self) -> None:
-        """Store W_UK / W_UV^T as their own parameters (for export: plain initializers that quantizers reach)."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        self.w_uk = nn.Parameter(w_uk.detach().contiguous().clone(), requires_grad=False)
-        self.w_uv_t = nn.Parameter(w_uv_t.detach().contiguous().clone(), requires_grad=False)
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.w_uk, self.w_uv_t) if self.options.graph_weights else self.split_kv_b()
 
     def forward(self, x, cos, sin, allowed, past):
         """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T) or None for plain causal with no past; past: this layer's
@@ -119,9 +156,10 @@ class MLAttention(nn.Module):
 
         kv = self.kv_a_proj_with_mqa(x)
         c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
-        pe_new = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
-        if self.cache_dtype == "int8":  # quantize on write, dequantize the whole latent on read
-            new = (*quantize_per_token(c_new), *quantize_per_token(pe_new))
+        pe_new = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
+        if self.options.cache_dtype == "int8":  # quantize on write, dequantize the whole latent on read
+            quant = self.options.cache_quantizer
+            new = (*quant(c_new, self.layer, "c_kv"), *quant(pe_new, self.layer, "k_pe"))
             present = tuple(torch.cat([p, n], dim=1) for p, n in zip(past, new))  # c_kv, scale, k_pe, scale
             c_kv, k_pe = present[0].float() * present[1], present[2].float() * present[3]
         else:
@@ -129,7 +167,7 @@ class MLAttention(nn.Module):
             k_pe = torch.cat([past[1], pe_new], dim=1)  # (B,T,Dr)
             present = (c_kv, k_pe)
 
-        if self.attention == "naive":  # decompress per-head K/V from the latent
+        if self.options.attention == "naive":  # decompress per-head K/V from the latent
             kv_full = self.kv_b_proj(c_kv).view(B, -1, H, Dn + Dv).transpose(1, 2)
             k_nope, v = kv_full[..., :Dn], kv_full[..., Dn:]  # (B,H,T,Dn), (B,H,T,Dv)
             if allowed is None:  # plain causal, no past, no padding (training): fused SDPA
@@ -146,7 +184,7 @@ class MLAttention(nn.Module):
             allowed = attention_allowed(torch.ones(B, S, dtype=torch.long, device=x.device), S)
         scores = torch.where(allowed[:, None], scores, MASK_MIN)
         probs = scores.float().softmax(dim=-1).to(x.dtype)  # (B,H,S,T)
-        if self.attention == "naive":
+        if self.options.attention == "naive":
             out = probs @ v  # bhst,bhtv->bhsv
         else:
             out = (probs @ c_kv[:, None]) @ w_uv_t  # bhst,btc->bhsc; bhsc,hcv->bhsv
@@ -154,10 +192,10 @@ class MLAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MLAConfig, attention: str):
+    def __init__(self, cfg: MLAConfig, layer: int, attention: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, attention)
+        self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
@@ -170,55 +208,58 @@ class DecoderLayer(nn.Module):
 
 
 class MLABody(nn.Module):
-    def __init__(self, cfg: MLAConfig, attention: str):
+    def __init__(self, cfg: MLAConfig, attention: Callable[[int], nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, attention) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention(i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class MLAForCausalLM(nn.Module):
-    """forward(input_ids, position_ids, attention_mask, cache) -> (logits, new_cache); nothing is kept inside."""
+    inv_freq: torch.Tensor
+    """forward(input_ids, position_ids, attention_mask, cache) -> (logits, new_cache); nothing is kept inside.
 
-    def __init__(self, cfg: MLAConfig, attention: str = "absorbed"):
+    attention_block: a factory layer index -> attention module (default: MLA with `options`); the MHA/GQA twins of
+    the research recipes pass their own."""
+
+    def __init__(
+        self,
+        cfg: MLAConfig,
+        options: ModelOptions = ModelOptions(),
+        attention_block: Callable[[int], nn.Module] | None = None,
+    ):
         super().__init__()
-        self.cfg = cfg
-        self.model = MLABody(cfg, attention)
+        self.cfg, self.options = cfg, options
+        self.model = MLABody(cfg, attention_block or (lambda i: MLAttention(cfg, i, options)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not options.graph_weights:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_factor = inv_freq_and_factor(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if options.graph_weights:
+            self.register_load_state_dict_post_hook(MLAForCausalLM._derive_graph_weights)
 
-    @property
-    def attention(self) -> str:
-        return self.model.layers[0].self_attn.attention
-
-    @property
-    def cache_dtype(self) -> str:
-        return self.model.layers[0].self_attn.cache_dtype
-
-    def set_cache_dtype(self, cache_dtype: str) -> "MLAForCausalLM":
-        """float32, or int8 with a per-token scale (see mla_edge.models.cache)."""
-        if cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
-        for layer in self.model.layers:
-            layer.self_attn.cache_dtype = cache_dtype
-        return self
-
-    def set_attention(self, attention: str) -> "MLAForCausalLM":
-        if attention not in ATTENTION_FORMS:
-            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
-        for layer in self.model.layers:
-            layer.self_attn.attention = attention
-        return self
+    @staticmethod
+    @torch.no_grad()
+    def _derive_graph_weights(module: nn.Module, incompatible_keys) -> None:
+        """After weights load: W_UK / W_UV^T from kv_b_proj, and an untied copy of a tied embedding."""
+        assert isinstance(module, MLAForCausalLM)
+        for attn in module.modules():
+            if isinstance(attn, MLAttention):
+                w_uk, w_uv_t = attn.split_kv_b()
+                attn.w_uk.copy_(w_uk)
+                attn.w_uv_t.copy_(w_uv_t)
+        if module.cfg.tie_word_embeddings:
+            module.lm_head.weight.copy_(module.model.embed_tokens.weight)
+            if "lm_head.weight" in incompatible_keys.missing_keys:
+                incompatible_keys.missing_keys.remove("lm_head.weight")
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
         """Final-normed hidden states (B,S,C) and the new cache; `forward` adds the LM head."""
         cfg = self.cfg
         B, S = input_ids.shape
         if cache is None:
-            cache = empty_cache(cfg, B, self.lm_head.weight.dtype, self.cache_dtype)
+            cache = empty_cache(cfg, B, self.lm_head.weight.dtype, self.options.cache_dtype)
         P = cache[0][0].shape[1]
         plain = attention_mask is None and P == 0
         if attention_mask is None:

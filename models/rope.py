@@ -1,4 +1,5 @@
 """Decoupled RoPE for MLA's rope dims: plain or YaRN frequencies, interleaved-pair or half rotation."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ def inv_freq_and_factor(cfg: MLAConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin multiplier (YaRN's attention factor)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
-    extrapolated = 1.0 / (base ** exponents)
+    extrapolated = 1.0 / (base**exponents)
     rs = cfg.rope_scaling
     if rs is None:
         return extrapolated, 1.0

@@ -1,1 +1,1 @@
-"""mla_edge.runtime: torch-free cached generation with onnxruntime."""
+"""Runs, torch-free: the manifest, onnxruntime sessions, generation, the benchmark and memory budgets."""

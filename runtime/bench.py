@@ -1,9 +1,11 @@
 """`mla-edge bench`: PyTorch eager fp32 and each onnxruntime precision, side by side in one run, batch 1.
 
-Every backend runs in a fresh subprocess (so load time, time to first token and peak RSS are its own); the
-onnxruntime ones never import torch. Medians over repeats; ratios are against PyTorch eager from the same run.
-This is a benchmark, not a test: nothing here asserts a timing.
+Every backend runs in a fresh worker process (`mla-edge _bench-worker`, so that load time, time to first token and
+peak RSS are its own); the onnxruntime ones never import torch. Backends run round-robin in interleaved rounds;
+medians over repeats and rounds; ratios are against PyTorch eager from the same run. This is a benchmark, not a
+test: nothing here asserts a timing.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,26 +15,117 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .bench_core import PASTS, PROMPT_LENS
+import numpy as np
+
 from .manifest import Manifest
-from .rss import generate_stats
+from .memory import cli_command, peak_rss_bytes, run_generate
 
+WORKER = "_bench-worker"  # the hidden CLI command that measures one backend
+Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[Any, Any]]
 TARGET_SPEEDUP = 2.5  # int8 decode at past 1024 vs PyTorch eager fp32
 RSS_FACTOR, RSS_SLACK = 1.3, 80 * 2**20  # int8 generate peak RSS <= 1.3 x (model + cache) + 80 MB
 GEN_NEW_TOKENS = 256
-GEN_PROMPT = ("It was late in the autumn when the travellers came at last to the old house on the hill, and the "
-              "rain had not ceased since morning. The housekeeper met them at the door with a candle in her hand, "
-              "and looked at the young man for a long moment before she spoke.")
+GEN_PROMPT = (
+    "It was late in the autumn when the travellers came at last to the old house on the hill, and the "
+    "rain had not ceased since morning. The housekeeper met them at the door with a candle in her hand, "
+    "and looked at the young man for a long moment before she spoke."
+)
+PROMPT_LENS = (128, 512)
+PASTS = (128, 1024)
+
+
+def _prefill(step: Step, empty_cache: Callable[[int], Any], ids: np.ndarray) -> tuple[Any, Any]:
+    n = ids.shape[1]
+    return step(ids, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], empty_cache(1))
+
+
+def measure(
+    step: Step,
+    empty_cache: Callable[[int], Any],
+    vocab: int,
+    repeats: int = 5,
+    decode_steps: int = 16,
+    prompt_lens: tuple[int, ...] = PROMPT_LENS,
+    pasts: tuple[int, ...] = PASTS,
+) -> dict:
+    """TTFT, prefill tok/s at each prompt length and decode ms/token at each past length, medians over repeats.
+    step(ids, mask, positions, cache) -> (logits, cache) with numpy ids; the cache stays whatever type the backend
+    uses, so no backend pays for conversions the other does not."""
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    ids = rng.integers(0, vocab, (1, prompt_lens[0]), dtype=np.int64)
+    t = time.perf_counter()
+    logits, _ = _prefill(step, empty_cache, ids)
+    int(np.asarray(logits)[0, -1].argmax())
+    out["ttft_ms"] = (time.perf_counter() - t) * 1e3  # first call: includes any lazy initialisation
+    for n in prompt_lens:
+        ids = rng.integers(0, vocab, (1, n), dtype=np.int64)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _prefill(step, empty_cache, ids)
+            times.append(time.perf_counter() - t)
+        out[f"prefill_{n}_tok_s"] = n / statistics.median(times)
+    for p in pasts:
+        ids = rng.integers(0, vocab, (1, p), dtype=np.int64)
+        _, start = _prefill(step, empty_cache, ids)
+        per_token = []
+        for _ in range(repeats):
+            cache, mask = start, np.ones((1, p), np.int64)
+            for k in range(decode_steps):
+                mask = np.ones((1, p + k + 1), np.int64)
+                x = rng.integers(0, vocab, (1, 1), dtype=np.int64)
+                t = time.perf_counter()
+                logits, cache = step(x, mask, np.asarray([[p + k]], np.int64), cache)
+                int(np.asarray(logits)[0, -1].argmax())
+                per_token.append(time.perf_counter() - t)
+        out[f"decode_{p}_ms"] = statistics.median(per_token) * 1e3
+    return out
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def emit(result: dict) -> None:
+    """A worker's result: one BENCH_JSON line on stdout, with this process's peak RSS and whether it holds torch."""
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["torch_imported"] = "torch" in sys.modules and sys.modules["torch"] is not None
+    print("BENCH_JSON " + json.dumps(result))
+
+
+def measure_ort(
+    out_dir: str,
+    precision: str,
+    repeats: int,
+    threads: int | None,
+    prompt_lens: tuple[int, ...],
+    pasts: tuple[int, ...],
+    iobinding: bool = True,
+) -> None:
+    """The worker for one onnxruntime precision (no torch in this process)."""
+    from .session import LatentSession
+
+    t = time.perf_counter()
+    sess = LatentSession(out_dir, precision, "cpu", threads)
+    load = time.perf_counter() - t
+    step = sess.step_bound if iobinding else sess.step
+    res = measure(step, sess.empty_cache, sess.vocab_size, repeats, prompt_lens=prompt_lens, pasts=pasts)
+    emit({"backend": f"ort-{precision}", "iobinding": iobinding, "load_s": load, **res})
 
 
 def _run_worker(cmd: list[str]) -> dict:
+    """One worker process; its last BENCH_JSON line is the result."""
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
-    raise RuntimeError(f"bench worker {' '.join(cmd[2:4])} failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+            return json.loads(line[len("BENCH_JSON ") :])
+    raise RuntimeError(f"bench worker {' '.join(cmd[4:6])} failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
 
 
 def _generate_rss(out_dir: Path, precision: str, threads: int | None, manifest: Manifest) -> dict:
@@ -44,7 +137,7 @@ def _generate_rss(out_dir: Path, precision: str, threads: int | None, manifest: 
         words.pop()
     prompt = " ".join(words)
     new = min(GEN_NEW_TOKENS, ctx - len(tok.encode(prompt).ids) - 1)
-    return generate_stats(out_dir, prompt, precision, new, threads)
+    return run_generate(out_dir, prompt, precision, new, threads)
 
 
 def _median_rows(runs: list[dict]) -> dict:
@@ -57,28 +150,46 @@ def _median_rows(runs: list[dict]) -> dict:
     return row
 
 
-def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats: int = 5, threads: int | None = None,
-              with_torch: bool = True, progress=None, prompt_lens=PROMPT_LENS, pasts=PASTS, rounds: int = 3) -> dict:
+def run_bench(
+    out_dir: str | Path,
+    precisions: list[str] | None = None,
+    repeats: int = 5,
+    threads: int | None = None,
+    with_torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+    prompt_lens: tuple[int, ...] = PROMPT_LENS,
+    pasts: tuple[int, ...] = PASTS,
+    rounds: int = 3,
+) -> dict:
     """Backends run round-robin, `rounds` times each, so that a slow spell of a shared machine hits all of them."""
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
     precisions = precisions or [p for p in ("fp32", "int8", "int4") if p in manifest.precisions]
+    for p in precisions:
+        manifest.model_path(p)  # an unknown precision or a tampered file: one clear error before any work
     longest = max(max(prompt_lens), max(pasts) + 16)
     if longest > manifest.data["max_context"]:
-        raise ValueError(f"the benchmark needs {longest} positions but the model's context holds {manifest.data['max_context']}")
-    py = [sys.executable, "-m"]
-    thr = ["--threads", str(threads)] if threads else []
-    thr += ["--prompt-lens", ",".join(map(str, prompt_lens)), "--pasts", ",".join(map(str, pasts))]
+        raise ValueError(
+            f"the benchmark needs {longest} positions but the model's context holds {manifest.data['max_context']}"
+        )
+    common = [
+        "--repeats",
+        str(repeats),
+        "--prompt-lens",
+        ",".join(map(str, prompt_lens)),
+        "--pasts",
+        ",".join(map(str, pasts)),
+        *(["--threads", str(threads)] if threads else []),
+    ]
     jobs = []
     model_dir = Path(manifest.data["source"]["model_dir"])
     torch_ok = with_torch and importlib.util.find_spec("torch") is not None and (model_dir / "config.json").is_file()
     if torch_ok:
-        jobs.append(("torch-eager-fp32", py + ["mla_edge.export.bench_torch", str(model_dir), "--repeats", str(repeats)] + thr))
+        jobs.append(("torch-eager-fp32", cli_command(WORKER, str(model_dir), "torch", *common)))
     for p in precisions:
-        jobs.append((f"ort-{p}", py + ["mla_edge.runtime.bench_worker", str(out_dir), p, "--repeats", str(repeats)] + thr))
+        jobs.append((f"ort-{p}", cli_command(WORKER, str(out_dir), p, *common)))
     if "int8" in precisions:
-        jobs.append(("ort-int8 (no iobinding)", py + ["mla_edge.runtime.bench_worker", str(out_dir), "int8", "--repeats",
-                                                       str(repeats), "--no-iobinding"] + thr))
+        jobs.append(("ort-int8 (no iobinding)", cli_command(WORKER, str(out_dir), "int8", "--no-iobinding", *common)))
     runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     for k in range(rounds):
         for name, cmd in jobs:
@@ -87,46 +198,67 @@ def run_bench(out_dir: str | Path, precisions: list[str] | None = None, repeats:
             runs[name].append(_run_worker(cmd))
     rows = []
     for name, _ in jobs:
-        row = _median_rows(runs[name])
+        row: dict[str, Any] = _median_rows(runs[name])
         row["name"] = name
         rows.append(row)
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
     for r in rows:
         if base:
-            for p in pasts:
-                r[f"decode_{p}_speedup_vs_torch"] = base[f"decode_{p}_ms"] / r[f"decode_{p}_ms"]
+            for past in pasts:
+                r[f"decode_{past}_speedup_vs_torch"] = base[f"decode_{past}_ms"] / r[f"decode_{past}_ms"]
             for n in prompt_lens:
                 r[f"prefill_{n}_speedup_vs_torch"] = r[f"prefill_{n}_tok_s"] / base[f"prefill_{n}_tok_s"]
         if r["name"].startswith("ort-"):
             r["model_bytes"] = manifest.data["files"][r["name"].split()[0][4:]]["bytes"]
-    report = {"export_dir": str(out_dir), "model": manifest.data["model"].get("model_type"), "repeats": repeats, "rounds": rounds,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_implementation()} {platform.python_version()}",
-              "threads": threads, "prompt_lens": list(prompt_lens), "pasts": list(pasts), "rows": rows, "targets": {}}
+    report: dict[str, Any] = {
+        "export_dir": str(out_dir),
+        "model": manifest.data["model"].get("model_type"),
+        "repeats": repeats,
+        "rounds": rounds,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        "threads": threads,
+        "prompt_lens": list(prompt_lens),
+        "pasts": list(pasts),
+        "rows": rows,
+        "targets": {},
+    }
     int8 = next((r for r in rows if r["name"] == "ort-int8"), None)
     key = f"decode_{pasts[-1]}_speedup_vs_torch"
     if int8 and base:
-        report["targets"][f"int8_decode_{pasts[-1]}_speedup"] = {"measured": int8[key], "target": TARGET_SPEEDUP,
-                                                                  "met": int8[key] >= TARGET_SPEEDUP}
+        report["targets"][f"int8_decode_{pasts[-1]}_speedup"] = {
+            "measured": int8[key],
+            "target": TARGET_SPEEDUP,
+            "met": int8[key] >= TARGET_SPEEDUP,
+        }
     if "int8" in precisions and manifest.tokenizer_path:
         if progress:
             progress("generate int8 (RSS)")
         g = _generate_rss(out_dir, "int8", threads, manifest)
         budget = RSS_FACTOR * (manifest.data["files"]["int8"]["bytes"] + g["cache_bytes"]) + RSS_SLACK
         report["generate_int8"] = g
-        report["targets"]["int8_generate_peak_rss"] = {"measured_bytes": g["peak_rss_bytes"], "limit_bytes": int(budget),
-                                                       "met": g["peak_rss_bytes"] <= budget}
+        report["targets"]["int8_generate_peak_rss"] = {
+            "measured_bytes": g["peak_rss_bytes"],
+            "limit_bytes": int(budget),
+            "met": g["peak_rss_bytes"] <= budget,
+        }
     return report
 
 
 def format_report(rep: dict) -> str:
     n, p = rep["prompt_lens"], rep["pasts"]
-    cols = [("load s", "load_s", "{:.2f}"), ("TTFT ms", "ttft_ms", "{:.1f}")]
+    cols: list[tuple[str, str, str | None]] = [("load s", "load_s", "{:.2f}"), ("TTFT ms", "ttft_ms", "{:.1f}")]
     cols += [(f"prefill{k} tok/s", f"prefill_{k}_tok_s", "{:,.0f}") for k in n]
     cols += [(f"decode@{k} ms", f"decode_{k}_ms", "{:.2f}") for k in p]
-    cols += [(f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"), ("peak RSS MB", "peak_rss_bytes", None)]
-    lines = [f"bench: {rep['export_dir']} ({rep['machine']}; batch 1; medians of {rep['repeats']} repeats x "
-             f"{rep['rounds']} interleaved rounds)",
-             "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols)]
+    cols += [
+        (f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"),
+        ("peak RSS MB", "peak_rss_bytes", None),
+    ]
+    lines = [
+        f"bench: {rep['export_dir']} ({rep['machine']}; batch 1; medians of {rep['repeats']} repeats x "
+        f"{rep['rounds']} interleaved rounds)",
+        "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols),
+    ]
     for r in rep["rows"]:
         cells = []
         for _, key, fmt in cols:
@@ -135,8 +267,12 @@ def format_report(rep: dict) -> str:
         lines.append("  " + f"{r['name']:26s}" + "".join(f"{c:>17s}" for c in cells))
     for name, t in rep["targets"].items():
         if "target" in t:
-            lines.append(f"  target {name}: {t['measured']:.2f}x (>= {t['target']}x) -> {'met' if t['met'] else 'NOT met'}")
+            lines.append(
+                f"  target {name}: {t['measured']:.2f}x (>= {t['target']}x) -> {'met' if t['met'] else 'NOT met'}"
+            )
         else:
-            lines.append(f"  target {name}: {t['measured_bytes'] / 2**20:.1f} MB (<= {t['limit_bytes'] / 2**20:.1f} MB) -> "
-                         f"{'met' if t['met'] else 'NOT met'}")
+            lines.append(
+                f"  target {name}: {t['measured_bytes'] / 2**20:.1f} MB (<= {t['limit_bytes'] / 2**20:.1f} MB) -> "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
     return "\n".join(lines)

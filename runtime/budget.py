@@ -4,23 +4,25 @@ the same model would be with an MHA or a GQA cache, for fp32/fp16/int8 weights a
 RSS = weights + batch x context x cache_bytes_per_token + overhead(context), where overhead(context) = base +
 per_token x context is *measured*: `calibrate` runs `mla-edge generate` at several contexts and fits it.
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from mla_edge.models.cache import comparison
+from mla_edge.contract import DTYPE_BYTES, MANIFEST, PLAN_DTYPES, comparison
+from mla_edge.models.config import MLAConfig
 
 from .generate import PREFILL_CHUNK
-from .rss import generate_stats
+from .manifest import Manifest
+from .memory import run_generate
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
 class BudgetError(ValueError):
-    pass
+    """A budget that cannot be planned (bad size, too small for the weights, a failed calibration run)."""
 
 
 def parse_memory(text: str) -> int:
@@ -34,7 +36,7 @@ def parse_memory(text: str) -> int:
     return int(n)
 
 
-def param_count(cfg) -> int:
+def param_count(cfg: MLAConfig) -> int:
     """Parameters of the dense MLA decoder from its config alone (the checkpoint's tensor table, summed)."""
     C, H, V, I = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.intermediate_size
     R, Dr, Dn, Dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -43,12 +45,8 @@ def param_count(cfg) -> int:
     return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + C
 
 
-def model_facts(folder: str | Path) -> dict:
+def model_facts(folder: str | Path) -> dict[str, Any]:
     """Config and weight bytes from an export folder (measured file sizes) or a HF model folder (parameter count)."""
-    from mla_edge.models.config import MLAConfig
-
-    from .manifest import MANIFEST, Manifest
-
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         man = Manifest.read(folder)
@@ -62,18 +60,18 @@ def model_facts(folder: str | Path) -> dict:
     else:
         cfg = MLAConfig.from_pretrained(folder)
         n = param_count(cfg)
-        weights = {k: n * b for k, b in WEIGHT_BYTES.items()}
+        weights = {k: n * DTYPE_BYTES[k] for k in PLAN_DTYPES}
         source = f"{n:,} parameters x bytes per weight"
     weights.setdefault("int8", param_count(cfg))
     return {"config": cfg, "weights": weights, "weights_source": source}
 
 
-def cache_per_token(cfg, cache: str) -> dict[str, int]:
-    cmp = comparison(cfg, CACHE_DTYPES[cache])
+def cache_per_token(cfg: MLAConfig, cache: str) -> dict[str, int]:
+    cmp = comparison(cfg, cache)
     return {form: cmp[form]["bytes_per_token"] for form in ("mla", "gqa", "mha")}
 
 
-def plan(folder, memory: int, batch: int = 1, calibration: dict | None = None) -> dict:
+def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | None = None) -> dict:
     if batch < 1:
         raise BudgetError(f"batch must be >= 1, got {batch}")
     facts = model_facts(folder)
@@ -82,26 +80,47 @@ def plan(folder, memory: int, batch: int = 1, calibration: dict | None = None) -
     base, per_tok = cal["base_bytes"], cal["per_token_bytes"]
     rows = []
     for w, wbytes in facts["weights"].items():
-        for c in CACHE_DTYPES:
+        for c in PLAN_DTYPES:
             for form, cbytes in cache_per_token(cfg, c).items():
                 free = memory - wbytes - base
                 ctx = int(free // (batch * cbytes + per_tok)) if free > 0 else 0
-                rows.append({"attention": form, "weights": w, "cache": c, "weights_bytes": wbytes,
-                             "cache_bytes_per_token": cbytes, "max_context": ctx,
-                             "max_context_capped": min(ctx, cfg.max_position_embeddings), "fits": ctx > 0})
+                rows.append(
+                    {
+                        "attention": form,
+                        "weights": w,
+                        "cache": c,
+                        "weights_bytes": wbytes,
+                        "cache_bytes_per_token": cbytes,
+                        "max_context": ctx,
+                        "max_context_capped": min(ctx, cfg.max_position_embeddings),
+                        "fits": ctx > 0,
+                    }
+                )
     smallest = min(facts["weights"].values()) + base
     if memory < smallest:
-        raise BudgetError(f"a budget of {memory / 2**20:.1f} MiB cannot even hold the smallest weights plus the runtime "
-                          f"({smallest / 2**20:.1f} MiB: {min(facts['weights'].values()) / 2**20:.1f} MiB weights + "
-                          f"{base / 2**20:.1f} MiB measured runtime overhead)")
-    return {"memory_bytes": memory, "batch": batch, "model_type": cfg.model_type,
-            "max_position_embeddings": cfg.max_position_embeddings, "weights_source": facts["weights_source"],
-            "calibration": cal, "rows": rows}
+        raise BudgetError(
+            f"a budget of {memory / 2**20:.1f} MiB cannot even hold the smallest weights plus the runtime "
+            f"({smallest / 2**20:.1f} MiB: {min(facts['weights'].values()) / 2**20:.1f} MiB weights + "
+            f"{base / 2**20:.1f} MiB measured runtime overhead)"
+        )
+    return {
+        "memory_bytes": memory,
+        "batch": batch,
+        "model_type": cfg.model_type,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "weights_source": facts["weights_source"],
+        "calibration": cal,
+        "rows": rows,
+    }
 
 
 def predict_rss(weights_bytes: int, cache_bytes_per_token: int, context: int, batch: int, calibration: dict) -> float:
-    return (weights_bytes + batch * context * cache_bytes_per_token + calibration["base_bytes"]
-            + calibration["per_token_bytes"] * context)
+    return (
+        weights_bytes
+        + batch * context * cache_bytes_per_token
+        + calibration["base_bytes"]
+        + calibration["per_token_bytes"] * context
+    )
 
 
 def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: int = 8) -> dict:
@@ -110,7 +129,6 @@ def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: in
     words = ("the old house stood at the end of the lane and " * (prompt_len // 4 + 8)).split()
     from tokenizers import Tokenizer
 
-    from .manifest import Manifest
     tok = Tokenizer.from_file(str(Manifest.read(out_dir).tokenizer_path))
     lo, hi = 1, len(words)
     while lo < hi:  # the longest word prefix that tokenizes to at most prompt_len - 1 tokens (bos is added)
@@ -120,15 +138,13 @@ def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: in
         else:
             hi = mid - 1
     try:
-        return generate_stats(out_dir, " ".join(words[:lo]), precision, new_tokens)
+        return run_generate(out_dir, " ".join(words[:lo]), precision, new_tokens)
     except RuntimeError as e:
         raise BudgetError(f"calibration run failed: {e}") from None
 
 
 def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1536)) -> dict:
     """Fit overhead(context) = base + per_token x context by least squares on real runs."""
-    from .manifest import Manifest
-
     out_dir = Path(out_dir)
     man = Manifest.read(out_dir)
     weights = man.data["files"][precision]["bytes"]
@@ -143,45 +159,70 @@ def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1
     sxx = sum((p["context"] - mx) ** 2 for p in points)
     slope = sum((p["context"] - mx) * (p["overhead_bytes"] - my) for p in points) / sxx if sxx else 0.0
     slope = max(slope, 0.0)
-    return {"base_bytes": int(my - slope * mx), "per_token_bytes": slope, "precision": precision,
-            "export": str(out_dir), "contexts": [p["context"] for p in points], "prefill_chunk": PREFILL_CHUNK, "points": points}
+    return {
+        "base_bytes": int(my - slope * mx),
+        "per_token_bytes": slope,
+        "precision": precision,
+        "export": str(out_dir),
+        "contexts": [p["context"] for p in points],
+        "prefill_chunk": PREFILL_CHUNK,
+        "points": points,
+    }
 
 
 # Measured by `calibrate` on this project's 2-core x86_64 machine: the demo model, int8, prefill chunks of 64
 # (README "Edge memory budgets"). The per-token part is mostly prefill attention scratch held by onnxruntime's
 # arena (heads x chunk x context floats, a few copies), not the cache: recalibrate for other models.
-DEFAULT_CALIBRATION = {"base_bytes": 80_468_046, "per_token_bytes": 20_944.8, "precision": "int8",
-                       "export": "demo model, 2026-11-28", "contexts": [63, 767, 1535], "prefill_chunk": 64}
+DEFAULT_CALIBRATION: dict[str, Any] = {
+    "base_bytes": 80_468_046,
+    "per_token_bytes": 20_944.8,
+    "precision": "int8",
+    "export": "demo model, 2026-11-28",
+    "contexts": [63, 767, 1535],
+    "prefill_chunk": 64,
+}
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"budget {p['memory_bytes'] / 2**20:,.1f} MiB, batch {p['batch']} ({p['model_type']}; weights from "
-             f"{p['weights_source']}; runtime overhead {p['calibration']['base_bytes'] / 2**20:.1f} MiB + "
-             f"{p['calibration']['per_token_bytes']:.0f} B/token, measured)",
-             f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}"]
-    by = {}
+    lines = [
+        f"budget {p['memory_bytes'] / 2**20:,.1f} MiB, batch {p['batch']} ({p['model_type']}; weights from "
+        f"{p['weights_source']}; runtime overhead {p['calibration']['base_bytes'] / 2**20:.1f} MiB + "
+        f"{p['calibration']['per_token_bytes']:.0f} B/token, measured)",
+        f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}",
+    ]
+    by: dict[tuple[str, str], dict[str, int]] = {}
     for r in p["rows"]:
         by.setdefault((r["weights"], r["cache"]), {})[r["attention"]] = r["max_context"]
     for (w, c), ctx in by.items():
         lines.append(f"  {w:8s} {c:6s} " + " ".join(f"{ctx[f]:>14,d}" for f in ("mla", "gqa", "mha")))
-    lines.append(f"  (contexts past the model's max_position_embeddings = {p['max_position_embeddings']:,} would need RoPE scaling)")
+    lines.append(
+        f"  (contexts past the model's max_position_embeddings = {p['max_position_embeddings']:,} "
+        "would need RoPE scaling)"
+    )
     return "\n".join(lines)
 
 
-
-
-def plot(p: dict, folder, path: str | Path, weights: str = "int8", cache: str = "fp32", max_context: int | None = None) -> Path:
+def plot(
+    p: dict, folder, path: str | Path, weights: str = "int8", cache: str = "fp32", max_context: int | None = None
+) -> Path:
     """Memory against context length for MLA, GQA and MHA caches (matplotlib, the optional `plot` extra)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise BudgetError("--plot needs matplotlib: pip install 'mla-edge[plot]'") from None
     facts = model_facts(folder)
     cfg, cal = facts["config"], p["calibration"]
-    mla_fit = max((r["max_context"] for r in p["rows"] if r["attention"] == "mla" and r["weights"] == weights
-                   and r["cache"] == cache), default=0)
+    mla_fit = max(
+        (
+            r["max_context"]
+            for r in p["rows"]
+            if r["attention"] == "mla" and r["weights"] == weights and r["cache"] == cache
+        ),
+        default=0,
+    )
     top = max_context or max(cfg.max_position_embeddings, int(1.15 * mla_fit))  # show where each line meets the budget
     xs = list(range(0, top + 1, max(1, top // 200)))
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -189,7 +230,9 @@ def plot(p: dict, folder, path: str | Path, weights: str = "int8", cache: str = 
         per_tok = cache_per_token(cfg, cache)[form]
         ys = [predict_rss(facts["weights"][weights], per_tok, x, p["batch"], cal) / 2**20 for x in xs]
         ax.plot(xs, ys, color=color, label=f"{form.upper()} cache ({per_tok:,} B/token, {cache})")
-    ax.axhline(p["memory_bytes"] / 2**20, color="black", linestyle="--", label=f"budget {p['memory_bytes'] / 2**20:,.0f} MiB")
+    ax.axhline(
+        p["memory_bytes"] / 2**20, color="black", linestyle="--", label=f"budget {p['memory_bytes'] / 2**20:,.0f} MiB"
+    )
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("predicted RSS (MiB)")
     ax.set_title(f"{cfg.model_type}: {weights} weights, batch {p['batch']}, measured runtime overhead")

@@ -2,24 +2,25 @@
 
 No torch. The tokenizer is the export's tokenizer.json, read by the `tokenizers` library.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
-from mla_edge.models.cache import DTYPE_BYTES, comparison
+from mla_edge.contract import comparison, positions_from_mask
 
-from .rss import peak_rss_bytes
+from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingOptions
-from .session import LatentSession
+from .session import DEFAULT_PROVIDER, LatentSession
 from .textstream import TextStream
 
-FINISH_REASONS = ("eos", "stop", "length")
 # Long prompts are prefilled in chunks: attention scratch grows with chunk x context, and onnxruntime's arena keeps
 # its peak. On the demo model at an 1,800-token prompt, chunks of 256 peak at 206 MiB RSS, 64 at 123 MiB, at the
 # same prefill speed (README, "Edge memory budgets").
@@ -27,7 +28,7 @@ PREFILL_CHUNK = 64
 
 
 class PromptError(ValueError):
-    pass
+    """A prompt (or generation argument) that cannot run; the message says which and why."""
 
 
 @dataclass
@@ -39,32 +40,39 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, np.int64)
     mask = np.zeros((len(rows), width), np.int64)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    return ids, mask, pos
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask, positions_from_mask(mask, width)
 
 
 class Generator:
-    def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
-                 threads: int | None = None, iobinding: bool = True, opt_level: str = "all", verify: bool = True,
-                 prefill_chunk: int = PREFILL_CHUNK, optimized_cache: str | Path | None = None):
-        """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces."""
+    def __init__(
+        self,
+        export_dir: str | Path,
+        precision: str | None = None,
+        provider: str = DEFAULT_PROVIDER,
+        *,
+        iobinding: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
+        **session: Any,
+    ):
+        """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces. The
+        remaining keywords (threads, opt_level, optimized_cache, verify) go to LatentSession."""
         t0 = time.perf_counter()
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.session = LatentSession(export_dir, precision, provider, threads, opt_level, optimized_cache, verify=verify)
+        self.session = LatentSession(export_dir, precision, provider, **session)
         self.manifest = self.session.manifest
         self.tokenizer = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():
             from tokenizers import Tokenizer
+
             self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_path))
         tokens = self.manifest.data["tokens"]
         self.bos = tokens.get("bos")
@@ -74,7 +82,8 @@ class Generator:
         self.load_seconds = time.perf_counter() - t0
         cache = self.manifest.data["cache"]
         self.cache_bytes_per_token = cache["bytes_per_token"]
-        self.mha_bytes_per_token = comparison(SimpleNamespace(**self.manifest.data["model"]), cache["dtype"] if cache["dtype"] in DTYPE_BYTES else "float32")["mha"]["bytes_per_token"]
+        model = SimpleNamespace(**self.manifest.data["model"])
+        self.mha_bytes_per_token = comparison(model, cache["dtype"])["mha"]["bytes_per_token"]
 
     # ---- text <-> ids ---------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -134,10 +143,18 @@ class Generator:
             if bad:
                 raise PromptError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
             if len(r) >= ctx:
-                raise PromptError(f"prompt {i} has {len(r)} tokens; the model's context holds {ctx} (prompt + new tokens)")
+                raise PromptError(
+                    f"prompt {i} has {len(r)} tokens; the model's context holds {ctx} (prompt + new tokens)"
+                )
 
-    def _run(self, rows, sampling: SamplingOptions | None = None, max_new_tokens: int = 128,
-             stop: tuple[str, ...] | list[str] = (), eos: bool = True):
+    def _run(
+        self,
+        rows,
+        sampling: SamplingOptions | None = None,
+        max_new_tokens: int = 128,
+        stop: tuple[str, ...] | list[str] = (),
+        eos: bool = True,
+    ):
         """Generator of (row, text piece) events; returns the list of GenerationResult."""
         sampling = sampling or SamplingOptions()
         rows = [list(map(int, r)) for r in rows]
@@ -170,11 +187,12 @@ class Generator:
                     finish[i] = "eos"
                     continue
                 out[i].append(tok)
-                if streams[i] is not None:
-                    piece = streams[i].push(tok)
+                stream = streams[i]
+                if stream is not None:
+                    piece = stream.push(tok)
                     if piece:
                         yield i, piece
-                    if streams[i].stopped:
+                    if stream.stopped:
                         finish[i] = "stop"
                 if finish[i] is None and (len(out[i]) >= max_new_tokens or len(rows[i]) + len(out[i]) >= ctx):
                     finish[i] = "length"
@@ -192,13 +210,23 @@ class Generator:
             if piece:
                 yield i, piece
         decoded = sum(len(o) for o in out)
-        stats = {"prompt_tokens": int(mask[:, : ids.shape[1]].sum()), "new_tokens": decoded, "batch": B,
-                 "prefill_seconds": t_first - t0, "prefill_tok_s": float(mask[:, : ids.shape[1]].sum()) / max(t_first - t0, 1e-9),
-                 "decode_seconds": t_end - t_first,
-                 "decode_tok_s": max(length - ids.shape[1], 0) * B / max(t_end - t_first, 1e-9),
-                 "cache_tokens": length, "cache_bytes": self.cache_bytes_per_token * length * B,
-                 "mha_cache_bytes": self.mha_bytes_per_token * length * B, "load_seconds": self.load_seconds,
-                 "time_to_first_token_s": t_first - t0, "peak_rss_bytes": peak_rss_bytes(),
-                 "precision": self.session.precision}
-        return [GenerationResult(st.text if st else "", out[i], finish[i], len(rows[i]), stats)
-                for i, st in enumerate(streams)]
+        stats = {
+            "prompt_tokens": int(mask[:, : ids.shape[1]].sum()),
+            "new_tokens": decoded,
+            "batch": B,
+            "prefill_seconds": t_first - t0,
+            "prefill_tok_s": float(mask[:, : ids.shape[1]].sum()) / max(t_first - t0, 1e-9),
+            "decode_seconds": t_end - t_first,
+            "decode_tok_s": max(length - ids.shape[1], 0) * B / max(t_end - t_first, 1e-9),
+            "cache_tokens": length,
+            "cache_bytes": self.cache_bytes_per_token * length * B,
+            "mha_cache_bytes": self.mha_bytes_per_token * length * B,
+            "load_seconds": self.load_seconds,
+            "time_to_first_token_s": t_first - t0,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "precision": self.session.precision,
+        }
+        return [
+            GenerationResult(st.text if st else "", out[i], finish[i] or "length", len(rows[i]), stats)
+            for i, st in enumerate(streams)
+        ]

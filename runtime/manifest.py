@@ -1,26 +1,24 @@
-"""The export folder's manifest, `mla_edge.json`: the one contract between the exporter and every runtime.
+"""Reading an export folder through its manifest, `mla_edge.json`: validation, file hashes, and where exports live.
 
-The runtime and the Android demo read nothing else (no torch, no config.json). Torch-free.
+The runtime and the Android demo read nothing else (no torch, no config.json). The schema's names are in
+`mla_edge.contract`.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST = "mla_edge.json"
-FORMAT = "mla-edge-export"
-FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "int8", "int4", "int8-qdq")
-MODEL_FILE = {"fp32": "model.onnx", "int8": "model.int8.onnx", "int4": "model.int4.onnx", "int8-qdq": "model.int8-qdq.onnx"}
-GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")  # then the cache contract's past names
-GRAPH_OUTPUTS = ("logits",)  # then the cache contract's present names
+import onnxruntime as ort
 
+from mla_edge.contract import DYNAMIC_INPUTS, DYNAMIC_OUTPUTS, FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_KEYS
+from mla_edge.models import DEMO_DIR
 
-def ort_name(precision: str) -> str:
-    """The ORT-format companion of a precision's .onnx file."""
-    return MODEL_FILE[precision][: -len(".onnx")] + ".ort"
+ORT_OPTIMIZATION = "all"  # the level .ort companions are written at
 
 
 class ManifestError(ValueError):
@@ -41,26 +39,40 @@ def file_entry(folder: Path, precision: str, names: list[str]) -> dict:
     return {"precision": precision, "path": names[0], "bytes": sum(f["bytes"] for f in files), "files": files}
 
 
+def ort_target() -> dict:
+    """What an ORT-format file optimized here is tied to: onnxruntime's version, the machine and the level."""
+    return {
+        "onnxruntime": ort.__version__,
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "optimization": ORT_OPTIMIZATION,
+    }
+
+
 @dataclass(frozen=True)
 class Manifest:
     data: dict
     folder: Path
 
     @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
+    def read(cls, folder: str | Path) -> Manifest:
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
-            raise ManifestError(f"{folder} is not an mla-edge export folder: {MANIFEST} is missing (run `mla-edge export` first)")
+            raise ManifestError(
+                f"{folder} is not an mla-edge export folder: {MANIFEST} is missing (run `mla-edge export` first)"
+            )
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{path} is not valid JSON: {e}") from None
-        if data.get("format") != FORMAT:
-            raise ManifestError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ManifestError(f"{path}: field 'format' is not {FORMAT!r}: not an mla-edge manifest")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"{path}: format_version {data.get('format_version')!r} is not supported (this runtime reads {FORMAT_VERSION})")
-        for key in ("model", "cache", "graph", "files", "tokens"):
+            raise ManifestError(
+                f"{path}: format_version {data.get('format_version')!r} is not supported (this runtime "
+                f"reads {FORMAT_VERSION}): export the model again with this version of mla-edge"
+            )
+        for key in MANIFEST_KEYS:
             if key not in data:
                 raise ManifestError(f"{path}: field {key!r} is missing")
         return cls(data, folder)
@@ -69,11 +81,15 @@ class Manifest:
     def precisions(self) -> list[str]:
         return list(self.data["files"])
 
-    def ort_format_usable(self, precision: str) -> bool:
-        """An ORT-format file exists for this precision and was optimized on this kind of machine."""
-        import platform
-        ort = self.data["files"].get(precision, {}).get("ort")
-        return bool(ort) and ort.get("platform") == platform.machine()
+    def ort_mismatch(self, precision: str) -> str | None:
+        """Why this precision's ORT-format file cannot be used here (None when it can): it was optimized for another
+        onnxruntime version, machine or optimization level."""
+        entry = self.data["files"].get(precision, {}).get("ort")
+        if not entry:
+            return "no .ort file for this precision"
+        here = ort_target()
+        diff = [f"{k} {entry.get(k)} (here {v})" for k, v in here.items() if entry.get(k) != v]
+        return f"{entry['path']} was optimized for " + ", ".join(diff) if diff else None
 
     def model_path(self, precision: str, verify: bool = True, ort_format: bool = False) -> Path:
         """Path of one precision's model file (or its ORT-format companion); with verify, the sha256 of every file
@@ -82,25 +98,39 @@ class Manifest:
             raise ManifestError(f"precision {precision!r} is not in this export (has: {', '.join(self.precisions)})")
         entry = self.data["files"][precision]
         files = entry["files"] + ([entry["ort"]] if entry.get("ort") else [])  # a tampered export is refused whole
-        if ort_format:
-            entry = {"path": entry["ort"]["path"]}
         for f in files:
             p = self.folder / f["path"]
             if not p.is_file():
                 raise ManifestError(f"model file {p} listed in {MANIFEST} is missing")
             if verify and sha256(p) != f["sha256"]:
-                raise ManifestError(f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted")
-        return self.folder / entry["path"]
+                raise ManifestError(
+                    f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
+                )
+        return self.folder / (entry["ort"]["path"] if ort_format else entry["path"])
 
     @property
     def past_names(self) -> list[str]:
-        return [p["name"] for p in self.data["cache"]["past"]]
+        return [v["name"] for v in self.data["graph"]["inputs"][len(DYNAMIC_INPUTS) :]]
 
     @property
     def present_names(self) -> list[str]:
-        return [p["name"] for p in self.data["cache"]["present"]]
+        return [v["name"] for v in self.data["graph"]["outputs"][len(DYNAMIC_OUTPUTS) :]]
 
     @property
     def tokenizer_path(self) -> Path | None:
         name = self.data.get("tokenizer")
         return self.folder / name if name else None
+
+
+def cache_root() -> Path:
+    """Where mla-edge keeps exports it made for itself: $MLA_EDGE_CACHE, else $XDG_CACHE_HOME/mla-edge."""
+    env = os.environ.get("MLA_EDGE_CACHE")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mla-edge"
+
+
+def demo_export_dir() -> Path:
+    """One folder per demo-weights version and manifest format (`mla-edge demo` writes it; generate and bench
+    default to it)."""
+    weights = DEMO_DIR / "model.safetensors"
+    tag = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "missing"
+    return cache_root() / f"demo-{tag}-v{FORMAT_VERSION}"

@@ -1,4 +1,5 @@
 """Next-token choice from logits, in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

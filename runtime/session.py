@@ -3,8 +3,11 @@
 step(input_ids, attention_mask, position_ids, cache) -> (logits, new_cache); the cache is a dict keyed by
 the cache contract's past names, passed in and returned, never kept inside. No torch.
 """
+
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -12,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import Manifest, ManifestError
+from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+
+from .manifest import Manifest, ManifestError, ort_target
 
 # --provider name -> onnxruntime execution provider (and default options)
 PROVIDERS = {
@@ -22,13 +27,18 @@ PROVIDERS = {
     "nnapi": ("NnapiExecutionProvider", {}),
     "qnn": ("QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}),
 }
-AUTO_ORDER = ("qnn", "nnapi", "coreml", "xnnpack")
-OPT_LEVELS = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+AUTO_ORDER = ("qnn", "nnapi", "coreml", "xnnpack")  # "auto": the first of these this onnxruntime has, else the CPU
+DEFAULT_PROVIDER = "auto"
+OPT_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 class ProviderError(ValueError):
-    pass
+    """A provider name this onnxruntime cannot give; the message lists what it has."""
 
 
 def physical_cores() -> int:
@@ -58,22 +68,31 @@ def resolve_providers(name: str) -> list:
             ep, opts = PROVIDERS[key]
             if ep in available:
                 return [(ep, opts), "CPUExecutionProvider"]
-        warnings.warn("no mobile/accelerator execution provider in this onnxruntime build; running on the CPU", stacklevel=2)
-        return ["CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]  # the usual case on a laptop: nothing to warn about
     if name not in PROVIDERS:
         raise ProviderError(f"unknown provider {name!r} (choose from auto, {', '.join(PROVIDERS)})")
     ep, opts = PROVIDERS[name]
     if ep not in available:
-        raise ProviderError(f"provider {name!r} ({ep}) is not in this onnxruntime build; available: {', '.join(available)}")
+        raise ProviderError(
+            f"provider {name!r} ({ep}) is not in this onnxruntime build; available: {', '.join(available)}"
+        )
     return [(ep, opts), "CPUExecutionProvider"] if ep != "CPUExecutionProvider" else [ep]
 
 
 class LatentSession:
-    def __init__(self, export_dir: str | Path, precision: str | None = None, provider: str = "cpu",
-                 threads: int | None = None, opt_level: str = "all", optimized_cache: str | Path | None = None,
-                 verify: bool = True):
+    def __init__(
+        self,
+        export_dir: str | Path,
+        precision: str | None = None,
+        provider: str = DEFAULT_PROVIDER,
+        threads: int | None = None,
+        opt_level: str = "all",
+        optimized_cache: str | Path | None = None,
+        verify: bool = True,
+    ):
         """optimized_cache: a folder where onnxruntime's optimized graph is saved on the first load and loaded
-        (with optimizations off) afterwards; one file per model hash and optimization level."""
+        (with optimizations off) afterwards; one file per model hash, optimization level, provider, onnxruntime
+        version and platform."""
         self.manifest = Manifest.read(export_dir)
         if precision is None:
             precision = "int8" if "int8" in self.manifest.precisions else "fp32"
@@ -83,8 +102,12 @@ class LatentSession:
         self.providers = resolve_providers(provider)
         # On the CPU, the export's pre-optimized ORT-format file loads with less memory; other providers (and other
         # optimization levels) take the .onnx so that onnxruntime can partition and optimize it for them.
-        self.ort_format = (self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
-                           and self.manifest.ort_format_usable(precision))
+        self.ort_format = self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
+        if self.ort_format and "ort" in self.manifest.data["files"].get(precision, {}):
+            why = self.manifest.ort_mismatch(precision)
+            if why:  # optimized for another build or machine: the portable .onnx is always right
+                warnings.warn(f"{why}; loading the .onnx instead", stacklevel=2)
+        self.ort_format = self.ort_format and self.manifest.ort_mismatch(precision) is None
         path = self.manifest.model_path(precision, verify=verify, ort_format=self.ort_format)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or physical_cores()
@@ -92,12 +115,21 @@ class LatentSession:
         so.graph_optimization_level = OPT_LEVELS[opt_level]
         self.loaded_from_cache = False
         if optimized_cache:
-            digest = self.manifest.data["files"][precision]["files"][0]["sha256"][:16]
-            cached = Path(optimized_cache) / f"{digest}.{opt_level}.opt.onnx"
+            key = json.dumps(
+                [
+                    self.manifest.data["files"][precision]["files"][0]["sha256"],
+                    opt_level,
+                    [p if isinstance(p, str) else p[0] for p in self.providers],
+                    ort_target(),
+                ]
+            )
+            cached = Path(optimized_cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.opt.onnx"
             if cached.is_file():
                 path, self.loaded_from_cache = cached, True
                 so.graph_optimization_level = OPT_LEVELS["none"]
             else:
+                if cached.parent.exists() and not cached.parent.is_dir():
+                    raise ManifestError(f"--optimized-cache {cached.parent} is a file, not a folder")
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 so.optimized_model_filepath = str(cached)
         so.log_severity_level = 3
@@ -110,40 +142,43 @@ class LatentSession:
         m = self.manifest.data
         self.past_names = self.manifest.past_names
         self.present_names = self.manifest.present_names
-        self.past_specs = [(p["name"], p["shape"][2], np.dtype(p["dtype"])) for p in m["cache"]["past"]]
+        inputs = {v["name"]: v for v in m["graph"]["inputs"]}
+        self.past_specs = [(n, inputs[n]["shape"][2], np.dtype(inputs[n]["dtype"])) for n in self.past_names]
         self.vocab_size = m["model"]["vocab_size"]
         self.max_context = m["max_context"]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, 0, w), dt) for n, w, dt in self.past_specs}
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
-                "position_ids": np.asarray(position_ids, np.int64), **cache}
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feed = {
+            INPUT_IDS: np.asarray(input_ids, np.int64),
+            ATTENTION_MASK: np.asarray(attention_mask, np.int64),
+            POSITION_IDS: np.asarray(position_ids, np.int64),
+            **cache,
+        }
         outs = self.session.run(None, feed)
         return outs[0], dict(zip(self.past_names, outs[1:]))
 
-    def step_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                   cache: dict) -> tuple[np.ndarray, dict]:
+    def step_bound(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict
+    ) -> tuple[np.ndarray, dict]:
         """Like step, but with IO binding: the present cache stays in onnxruntime-owned OrtValues that are bound
         as the next step's past, so no cache tensor is copied into or out of numpy between steps."""
         b = self.session.io_binding()
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        b.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, np.int64))
+        b.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))
+        b.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, np.int64))
         for name, value in cache.items():
             if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)
             else:
                 b.bind_cpu_input(name, np.ascontiguousarray(value))
-        b.bind_output("logits", "cpu")
+        b.bind_output(LOGITS, "cpu")
         for name in self.present_names:
             b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         outs = b.get_outputs()
         return outs[0].numpy(), dict(zip(self.past_names, outs[1:]))
-
-    def cache_length(self, cache: dict) -> int:
-        v = cache[self.past_names[0]]
-        return int(v.shape()[1] if isinstance(v, ort.OrtValue) else v.shape[1])

@@ -1,4 +1,5 @@
 """Incremental detokenization: text pieces from a growing token list, never splitting a UTF-8 character."""
+
 from __future__ import annotations
 
 
@@ -31,11 +32,11 @@ class TextStream:
         return "" if self.stopped else self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        context = self._decode(self.tokens[self._prefix:self._read])
-        window = self._decode(self.tokens[self._prefix:])
+        context = self._decode(self.tokens[self._prefix : self._read])
+        window = self._decode(self.tokens[self._prefix :])
         if (window.endswith("\ufffd") and not final) or len(window) <= len(context):
             return ""
-        new = window[len(context):]
+        new = window[len(context) :]
         self._prefix, self._read = self._read, len(self.tokens)
         return self._advance(new)
 
@@ -48,4 +49,4 @@ class TextStream:
                 full, self.stopped = full[:at], True
                 break
         self.text = full
-        return full[len(before):]
+        return full[len(before) :]

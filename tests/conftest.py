@@ -1,14 +1,36 @@
 """Tiny seeded checkpoints built with transformers' own classes: the reference oracle."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, max_position_embeddings=256, num_key_value_heads=4,
-            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.707}
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=6,
+    max_position_embeddings=256,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.8,
+    "mscale_all_dim": 0.707,
+}
 
 
 def hf_model(kind: str = "deepseek_v3", q_lora_rank=None, rope_interleave=True, yarn=False, tie=False, seed=0, **over):
@@ -51,8 +73,10 @@ def tiny_ckpt(tmp_path):
     return save_hf(hf_model(q_lora_rank=12, yarn=True), tmp_path / "tiny")
 
 
-TOKENIZER_TEXT = ("The old house stood at the end of the lane. She looked at him and smiled — café, naïve, "
-                  "coöperate, “quoted” words, 日本語, and 😀 emoji. ") * 20
+TOKENIZER_TEXT = (
+    "The old house stood at the end of the lane. She looked at him and smiled — café, naïve, "
+    "coöperate, “quoted” words, 日本語, and 😀 emoji. "
+) * 20
 
 
 def make_tokenizer(path, vocab_size: int = 320):
@@ -62,8 +86,12 @@ def make_tokenizer(path, vocab_size: int = 320):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([TOKENIZER_TEXT], trainer)
     tok.save(str(path))
     return tok

@@ -1,4 +1,8 @@
-"""Write a tiny seeded DeepseekV3ForCausalLM checkpoint with transformers' own class: `python tests/make_checkpoint.py OUT`."""
+"""Write a tiny seeded DeepseekV3ForCausalLM checkpoint with transformers' own class.
+
+python tests/make_checkpoint.py OUT
+"""
+
 import sys
 from pathlib import Path
 

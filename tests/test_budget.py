@@ -1,19 +1,22 @@
 """The memory-budget planner: sizes, errors, MLA vs MHA ordering, and the parameter count from config alone."""
+
 import pytest
-
 from conftest import hf_model, save_hf
+
+from mla_edge.cli import main
 from mla_edge.runtime.budget import BudgetError, param_count, parse_memory, plan
-from mla_edge.runtime.cli import main
 
 
-@pytest.mark.parametrize("text,bytes_", [("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("300mib", 300 * 2**20),
-                                          ("1000", 1000)])
+@pytest.mark.parametrize(
+    "text,bytes_", [("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("300mib", 300 * 2**20), ("1000", 1000)]
+)
 def test_parse_memory(text, bytes_):
     assert parse_memory(text) == bytes_
 
 
-@pytest.mark.parametrize("text,match", [("0", "more than 0"), ("banana", "not a size"), ("-5MB", "not a size"),
-                                        ("12 parsecs", "not a size")])
+@pytest.mark.parametrize(
+    "text,match", [("0", "more than 0"), ("banana", "not a size"), ("-5MB", "not a size"), ("12 parsecs", "not a size")]
+)
 def test_bad_memory(text, match):
     with pytest.raises(BudgetError, match=match):
         parse_memory(text)
@@ -22,6 +25,7 @@ def test_bad_memory(text, match):
 @pytest.mark.parametrize("q_lora,tie", [(None, False), (12, True)])
 def test_param_count_matches_the_checkpoint(tmp_path, q_lora, tie):
     from mla_edge.models.checkpoint import load_model
+
     save_hf(hf_model(q_lora_rank=q_lora, tie=tie), tmp_path / "m")
     m = load_model(tmp_path / "m")
     assert param_count(m.cfg) == sum(p.numel() for p in m.parameters())
@@ -49,6 +53,7 @@ def test_budget_cli_errors(tiny_ckpt, capsys):
 def test_plot_draws_a_png(tiny_ckpt, tmp_path):
     pytest.importorskip("matplotlib")
     from mla_edge.runtime.budget import plot
+
     p = plan(tiny_ckpt, parse_memory("300MB"))
     out = plot(p, tiny_ckpt, tmp_path / "b.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -1,4 +1,5 @@
 """The one cache contract: names, shapes, bytes; and `mla-edge info` reporting it."""
+
 import ast
 import json
 import subprocess
@@ -7,22 +8,33 @@ from pathlib import Path
 
 import pytest
 
-from mla_edge.models.cache import CacheContract, comparison, past_name, present_name
+from mla_edge.cli import main
+from mla_edge.contract import CacheContract, comparison, past_name, present_name
 from mla_edge.models.config import MLAConfig
-from mla_edge.runtime.cli import main
 
 # DeepSeek-V2-Lite attention dims (27 layers, 16 heads, kv_lora_rank 512, rope 64, nope 128, v 128)
-V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-               num_hidden_layers=27, num_attention_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,
-               qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=None, first_k_dense_replace=27)
+V2_LITE = dict(
+    model_type="deepseek_v2",
+    vocab_size=102400,
+    hidden_size=2048,
+    intermediate_size=10944,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    q_lora_rank=None,
+    first_k_dense_replace=27,
+)
 
 
 def test_bytes_per_token_formula():
     cfg = MLAConfig.from_dict(V2_LITE)
     c = CacheContract.from_config(cfg)
     assert c.bytes_per_token == 27 * (512 + 64) * 4
-    assert CacheContract.from_config(cfg, "float16").bytes_per_token == 27 * 576 * 2
-    cmp = comparison(cfg, "float16")
+    assert CacheContract.from_config(cfg, "fp16").bytes_per_token == 27 * 576 * 2
+    cmp = comparison(cfg, "fp16")
     assert cmp["mla"]["elements_per_token_per_layer"] == 576
     assert cmp["mha"]["elements_per_token_per_layer"] == 16 * (128 + 64 + 128)
     assert cmp["gqa"]["kv_heads"] == 4 and cmp["gqa"]["elements_per_token_per_layer"] == 4 * 320
@@ -36,7 +48,7 @@ def test_names_shapes_and_order():
     assert c.past_specs()[0] == (past_name(0, "c_kv"), ["batch", "past_len", 16], "float32")
     assert c.present_specs()[1] == ("present.0.k_pe", ["batch", "total_len", 8], "float32")
     m = c.to_manifest()
-    assert m["format"] == "mla-latent-v1" and [p["name"] for p in m["past"]] == c.past_names()
+    assert m["format"] == "mla-latent-v1" and m["bytes_per_token"] == 2 * 24 * 4
 
 
 def test_contract_module_has_no_heavy_imports():
@@ -63,5 +75,5 @@ def test_info_json_and_errors(tiny_ckpt, tmp_path, capsys):
 
 
 def test_console_script_runs(tiny_ckpt):
-    r = subprocess.run(["mla-edge", "info", str(tiny_ckpt), "--dtype", "float16"], capture_output=True, text=True)
+    r = subprocess.run(["mla-edge", "info", str(tiny_ckpt), "--dtype", "fp16"], capture_output=True, text=True)
     assert r.returncode == 0 and "96" in r.stdout  # fp16 MLA: 2 x 24 x 2 bytes

@@ -1,12 +1,13 @@
 """Loading and saving real HF-format checkpoints, and the errors that name what is wrong."""
+
 import json
 
 import pytest
 import torch
+from conftest import hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_model, save_hf
-from mla_edge.models.checkpoint import CheckpointError, load_model, save_model
+from mla_edge.models.checkpoint import DTYPES, CheckpointError, load_model, save_model
 from mla_edge.models.config import ConfigError, MLAConfig
 
 IDS = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -34,15 +35,15 @@ def test_tied_embeddings(tmp_path):
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_save_roundtrip_in_each_dtype(tmp_path, tiny_ckpt, dtype):
     m = load_model(tiny_ckpt)
     out = save_model(m, tmp_path / f"out-{dtype}", dtype=dtype)
     stored = load_file(out / "model.safetensors")
-    assert {t.dtype for t in stored.values()} == {getattr(torch, dtype)}
+    assert {t.dtype for t in stored.values()} == {DTYPES[dtype]}
     back = load_model(out)
     assert back.cfg == m.cfg
-    tol = 1e-6 if dtype == "float32" else 0.1  # half precision weights, fp32 compute
+    tol = 1e-6 if dtype == "fp32" else 0.1  # half precision weights, fp32 compute
     assert (logits(back) - logits(m)).abs().max() <= tol
     assert not list(tmp_path.glob(".out-*")), "temp dir left behind"
 
@@ -56,6 +57,7 @@ def test_save_sharded_roundtrip(tmp_path, tiny_ckpt):
 
 def test_transformers_reads_what_we_save(tmp_path, tiny_ckpt):
     import transformers as tf
+
     m = load_model(tiny_ckpt)
     out = save_model(m, tmp_path / "ours")
     ref = tf.DeepseekV3ForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
@@ -121,15 +123,24 @@ def test_missing_shard_is_named(tmp_path):
         load_model(tmp_path / "sh")
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda d: d.pop("kv_lora_rank"), r"'kv_lora_rank' is missing"),
-    (lambda d: d.update(hidden_size=-3), r"'hidden_size' must be a positive integer"),
-    (lambda d: d.update(model_type="llama"), r"model_type 'llama' is not an MLA model"),
-    (lambda d: d.update(first_k_dense_replace=1, n_routed_experts=8), r"first_k_dense_replace=1 .*n_routed_experts=8"),
-    (lambda d: d.update(hidden_act="gelu"), r"'hidden_act'"),
-    (lambda d: d.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), r"'longrope' is not supported"),
-    (lambda d: d.update(qk_rope_head_dim=7), r"'qk_rope_head_dim' must be even"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.pop("kv_lora_rank"), r"'kv_lora_rank' is missing"),
+        (lambda d: d.update(hidden_size=-3), r"'hidden_size' must be a positive integer"),
+        (lambda d: d.update(model_type="llama"), r"model_type 'llama' is not an MLA model"),
+        (
+            lambda d: d.update(first_k_dense_replace=1, n_routed_experts=8),
+            r"first_k_dense_replace=1 .*n_routed_experts=8",
+        ),
+        (lambda d: d.update(hidden_act="gelu"), r"'hidden_act'"),
+        (
+            lambda d: d.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+            r"'longrope' is not supported",
+        ),
+        (lambda d: d.update(qk_rope_head_dim=7), r"'qk_rope_head_dim' must be even"),
+    ],
+)
 def test_bad_config_names_the_field(tiny_ckpt, edit, match):
     d = json.loads((tiny_ckpt / "config.json").read_text())
     edit(d)
@@ -148,11 +159,37 @@ def test_no_config_and_bad_json(tmp_path):
 
 def test_legacy_rope_scaling_fields_map():
     """Real DeepSeek-V2/V3 config.json files use top-level rope_theta and rope_scaling with 'type'."""
-    base = json.loads(json.dumps(dict(model_type="deepseek_v2", vocab_size=10, hidden_size=8, intermediate_size=8,
-                                      num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=4, qk_nope_head_dim=2,
-                                      qk_rope_head_dim=2, v_head_dim=2, first_k_dense_replace=1, n_routed_experts=64)))
-    cfg = MLAConfig.from_dict({**base, "rope_theta": 5e4, "rope_scaling": {
-        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707, "mscale_all_dim": 0.707}})
+    base = json.loads(
+        json.dumps(
+            dict(
+                model_type="deepseek_v2",
+                vocab_size=10,
+                hidden_size=8,
+                intermediate_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                kv_lora_rank=4,
+                qk_nope_head_dim=2,
+                qk_rope_head_dim=2,
+                v_head_dim=2,
+                first_k_dense_replace=1,
+                n_routed_experts=64,
+            )
+        )
+    )
+    cfg = MLAConfig.from_dict(
+        {
+            **base,
+            "rope_theta": 5e4,
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 40,
+                "original_max_position_embeddings": 4096,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        }
+    )
     assert cfg.rope_theta == 5e4 and cfg.rope_scaling.factor == 40 and cfg.rope_scaling.mscale_all_dim == 0.707
-    assert cfg.softmax_scale == pytest.approx(4 ** -0.5 * (0.1 * 0.707 * __import__("math").log(40) + 1) ** 2)
+    assert cfg.softmax_scale == pytest.approx(4**-0.5 * (0.1 * 0.707 * __import__("math").log(40) + 1) ** 2)
     assert MLAConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,12 +1,13 @@
 """The embedded demo model: it loads, `mla-edge demo` runs end to end, and it passes the export/runtime parity
 checks with real weights, where int8 must stay within 2% perplexity of fp32 and be <= 30% of the fp32 file."""
+
 import json
 
 import numpy as np
 import pytest
 
+from mla_edge.models import DEMO_DIR
 from mla_edge.models.checkpoint import load_model
-from mla_edge.models.demo_path import DEMO_DIR
 from mla_edge.runtime.manifest import Manifest
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="demo model not committed")
@@ -15,22 +16,26 @@ pytestmark = pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """`mla-edge demo --json` with the export cache in a temp folder (a first run: it exports)."""
+    import contextlib
+    import io
     import os
 
-    from mla_edge.runtime.cli import main
-    from mla_edge.runtime.demo_export import demo_export_dir
+    from mla_edge.cli import main
+    from mla_edge.runtime.manifest import demo_export_dir
+
     root = tmp_path_factory.mktemp("demo")
     old = os.environ.get("MLA_EDGE_CACHE")
     os.environ["MLA_EDGE_CACHE"] = str(root / "cache")
     try:
-        assert main(["demo", "--json", str(root / "demo.json"), "--max-new-tokens", "40"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert main(["demo", "--json", "--max-new-tokens", "40"]) == 0
         out = demo_export_dir()
     finally:
         if old is None:
             os.environ.pop("MLA_EDGE_CACHE")
         else:
             os.environ["MLA_EDGE_CACHE"] = old
-    return json.loads((root / "demo.json").read_text()), out
+    return json.loads(stdout.getvalue()), out
 
 
 def test_demo_checkpoint_loads_and_has_a_card():
@@ -66,6 +71,7 @@ def test_demo_int8_size_and_perplexity(demo_run):
 def test_demo_runtime_greedy_equals_pytorch(demo_run):
     from mla_edge.export.parity import greedy
     from mla_edge.runtime.generate import Generator
+
     out = demo_run[1]
     gen = Generator(out, "fp32")
     prompts = [gen.encode("The old house stood at the end of the lane, and"), gen.encode("She said")]
@@ -79,9 +85,13 @@ def test_int8_qdq_export_on_the_demo(tmp_path):
     """Static QDQ calibrated on prefill + decode steps of the demo's calibration text: reported, and sane."""
     from mla_edge.export.parity import run_parity
     from mla_edge.export.pipeline import ExportOptions, export_folder
+
     out = tmp_path / "qdq"
-    export_folder(DEMO_DIR, out, ExportOptions(quantize=("int8-qdq",), calibration_text=DEMO_DIR / "calibration.txt",
-                                               progress=False))
+    export_folder(
+        DEMO_DIR,
+        out,
+        ExportOptions(quantize=("int8-qdq",), calibration_text=DEMO_DIR / "calibration.txt", progress=False),
+    )
     rep = run_parity(DEMO_DIR, out, (DEMO_DIR / "heldout.txt").read_text(), steps=8, ppl_tokens=1024)
     q = rep["precisions"]["int8-qdq"]
     assert np.isfinite(q["ppl"]) and q["top1_agreement"] > 0.5
@@ -91,7 +101,10 @@ def test_int8_qdq_export_on_the_demo(tmp_path):
 def test_transformers_reads_the_demo_checkpoint():
     import torch
     import transformers as tf
-    ref = tf.DeepseekV3ForCausalLM.from_pretrained(str(DEMO_DIR), attn_implementation="eager", dtype=torch.float32).eval()
+
+    ref = tf.DeepseekV3ForCausalLM.from_pretrained(
+        str(DEMO_DIR), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ref(input_ids=ids).logits - load_model(DEMO_DIR)(ids)[0]).abs().max() <= 1e-4
@@ -101,12 +114,15 @@ def test_budget_planner_matches_measured_rss(demo_run):
     """Calibrate the overhead on real generate runs at three contexts, then predict three others within 10%."""
     from mla_edge.runtime.budget import calibrate, measure_generate, predict_rss
     from mla_edge.runtime.manifest import Manifest
+
     out = demo_run[1]
     cal = calibrate(out, contexts=(64, 768, 1536))
     man = Manifest.read(out)
     for ctx in (256, 1024, 1900):
         s = measure_generate(out, "int8", ctx)
-        pred = predict_rss(man.data["files"]["int8"]["bytes"], man.data["cache"]["bytes_per_token"], s["cache_tokens"], 1, cal)
+        pred = predict_rss(
+            man.data["files"]["int8"]["bytes"], man.data["cache"]["bytes_per_token"], s["cache_tokens"], 1, cal
+        )
         assert abs(pred / s["peak_rss_bytes"] - 1) <= 0.10, (ctx, pred, s["peak_rss_bytes"])
 
 
@@ -122,10 +138,13 @@ def mha_sized_export(tmp_path_factory):
     from mla_edge.models.checkpoint import save_model
     from mla_edge.models.config import MLAConfig
     from mla_edge.models.mla import MLAForCausalLM
+
     root = tmp_path_factory.mktemp("mha_sized")
     d = json.loads((DEMO_DIR / "config.json").read_text())
-    d["kv_lora_rank"] = d["num_attention_heads"] * (d["qk_nope_head_dim"] + d["qk_rope_head_dim"] + d["v_head_dim"]) \
+    d["kv_lora_rank"] = (
+        d["num_attention_heads"] * (d["qk_nope_head_dim"] + d["qk_rope_head_dim"] + d["v_head_dim"])
         - d["qk_rope_head_dim"]
+    )
     torch.manual_seed(0)
     model = MLAForCausalLM(MLAConfig.from_dict(d))
     save_model(model, root / "hf", extra_files={"tokenizer.json": DEMO_DIR / "tokenizer.json"})
@@ -140,14 +159,31 @@ def test_mla_fits_a_memory_limit_that_an_mha_sized_cache_does_not(demo_run, mha_
     import subprocess
     import sys
 
-    from mla_edge.runtime.memlimit import MemoryLimitExceeded, mechanism, run_limited
+    from mla_edge.runtime.memory import MemoryLimitExceeded, mechanism, run_limited
+
     if mechanism() == "rlimit-as":
         pytest.skip("no writable cgroup: RLIMIT_AS limits virtual memory, which this comparison does not use")
-    assert Manifest.read(mha_sized_export).data["cache"]["bytes_per_token"] == 8 * Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
+    assert (
+        Manifest.read(mha_sized_export).data["cache"]["bytes_per_token"]
+        == 8 * Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
+    )
 
     def gen(out, limit):
-        cmd = [sys.executable, "-m", "mla_edge.runtime.cli", "generate", str(out), "It was", "--provider", "cpu",
-               "--precision", "int8", "--max-new-tokens", "1990", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mla_edge.cli",
+            "generate",
+            str(out),
+            "It was",
+            "--provider",
+            "cpu",
+            "--precision",
+            "int8",
+            "--max-new-tokens",
+            "1990",
+            "--json",
+        ]
         proc, info = run_limited(cmd, limit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.returncode == 0, proc.stderr[-1000:]
         return json.loads(proc.stdout)["stats"], info["peak_bytes"]
@@ -168,13 +204,17 @@ def test_int8_latent_cache_costs_little(demo_run, tmp_path):
     from mla_edge.export.parity import perplexity
     from mla_edge.export.pipeline import ExportOptions, export_folder
     from mla_edge.runtime.generate import Generator
+
     out = tmp_path / "q8cache"
     man = export_folder(DEMO_DIR, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))
     fp32_cache = Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
     assert man["cache"]["bytes_per_token"] * 3.5 <= fp32_cache
     gen = Generator(out, "fp32")
     ids = gen.tokenizer.encode((DEMO_DIR / "heldout.txt").read_text()).ids[:2048]
-    ppl = perplexity(lambda x: gen.session.step(x, np.ones_like(x), np.arange(x.shape[1])[None], gen.session.empty_cache(1))[0],
-                     ids, 256)
+    ppl = perplexity(
+        lambda x: gen.session.step(x, np.ones_like(x), np.arange(x.shape[1])[None], gen.session.empty_cache(1))[0],
+        ids,
+        256,
+    )
     ref = demo_run[0]["parity"]["precisions"]["fp32"]["ppl"]  # fp32 weights, fp32 cache, same 2,048 tokens
     assert abs(ppl / ref - 1) <= 0.01, (ppl, ref)

@@ -1,5 +1,6 @@
 """Export: fp32 ONNX == PyTorch == transformers, the graph matches its manifest, quantized files are reported,
 ORT format works, and bad input fails cleanly with nothing half-written."""
+
 import json
 import subprocess
 import sys
@@ -8,14 +9,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import hf_model, save_hf
+
+from mla_edge.contract import MANIFEST, CacheContract
 from mla_edge.export.parity import greedy, run_parity, teacher_forced
 from mla_edge.export.pipeline import ExportError, ExportOptions, export_folder
-from mla_edge.models.cache import CacheContract
 from mla_edge.models.checkpoint import load_model
 from mla_edge.models.config import ConfigError
-from mla_edge.runtime.manifest import MANIFEST, Manifest
+from mla_edge.models.mla import ModelOptions
+from mla_edge.runtime.manifest import Manifest
 from mla_edge.runtime.session import LatentSession
 
 
@@ -69,18 +71,22 @@ def test_fp32_onnx_matches_transformers_end_to_end(exported):
 def test_graph_matches_manifest(exported):
     _, _, out = exported
     man = json.loads((out / MANIFEST).read_text())
-    contract = man["cache"]
+    contract = CacheContract(2, 16, 8)
+    assert man["cache"]["bytes_per_token"] == contract.bytes_per_token
     for prec, entry in man["files"].items():
         graph = onnx.load(str(out / entry["path"]), load_external_data=False).graph
 
         def spec(values):
-            return [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+            return [
+                {"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values
+            ]
+
         inputs, outputs = spec(graph.input), spec(graph.output)
         assert inputs == [{k: i[k] for k in ("name", "shape")} for i in man["graph"]["inputs"]], prec
         assert outputs == [{k: o[k] for k in ("name", "shape")} for o in man["graph"]["outputs"]], prec
-        assert inputs[3:] == [{"name": p["name"], "shape": p["shape"]} for p in contract["past"]]
-        assert outputs[1:] == [{"name": p["name"], "shape": p["shape"]} for p in contract["present"]]
-    assert [p["name"] for p in contract["past"]] == CacheContract(2, 16, 8).past_names()
+        assert inputs[3:] == [{"name": n, "shape": s} for n, s, _ in contract.past_specs()]
+        assert outputs[1:] == [{"name": n, "shape": s} for n, s, _ in contract.present_specs()]
     assert man["tokens"] == {"bos": 1, "eos": [2], "pad": None}
 
 
@@ -117,11 +123,15 @@ def test_ort_format_gives_same_logits(exported, tmp_path):
     work = tmp_path / "ort"
     work.mkdir()
     (work / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
-    r = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work / "model.onnx")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work / "model.onnx")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ort_file = next(work.glob("*.ort"))
     import onnxruntime as ort
+
     ids = np.random.default_rng(1).integers(3, 97, size=(1, 9))
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(9)[None]}
     feed.update({n: np.zeros((1, 0, w), np.float32) for n, w in zip(CacheContract(2, 16, 8).past_names(), [16, 8] * 2)})
@@ -131,6 +141,7 @@ def test_ort_format_gives_same_logits(exported, tmp_path):
 
 
 # ---- bad input: a clear error and nothing half-written -------------------------------------------------
+
 
 def test_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
@@ -173,6 +184,7 @@ def test_failure_halfway_leaves_nothing(exported, tmp_path, monkeypatch):
     def boom(src, dst):
         dst.write_bytes(b"partial")
         raise RuntimeError("disk full (simulated)")
+
     monkeypatch.setattr(q, "quantize_int8", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         export_folder(hf_dir, tmp_path / "out", ExportOptions(progress=False))
@@ -182,7 +194,9 @@ def test_failure_halfway_leaves_nothing(exported, tmp_path, monkeypatch):
 def test_failure_during_force_keeps_old_export(exported, tmp_path, monkeypatch):
     _, hf_dir, out = exported
     import shutil
+
     import mla_edge.export.quantize as q
+
     target = tmp_path / "out"
     shutil.copytree(out, target)
     before = (target / MANIFEST).read_text()
@@ -194,7 +208,8 @@ def test_failure_during_force_keeps_old_export(exported, tmp_path, monkeypatch):
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
-    from mla_edge.runtime.cli import main
+    from mla_edge.cli import main
+
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
@@ -202,19 +217,27 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 def test_int8_latent_cache_export(exported, tmp_path):
     """--cache-dtype int8: int8 latents + per-token scales in the graph, the manifest and the runtime."""
     from mla_edge.runtime.generate import Generator
+
     _, hf_dir, _ = exported
     out = tmp_path / "q8cache"
     man = export_folder(hf_dir, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))
     cache = man["cache"]
     assert cache["dtype"] == "int8" and cache["bytes_per_token"] == 2 * (16 + 8 + 2 * 4)
-    assert [p["name"] for p in cache["past"][:4]] == ["past.0.c_kv", "past.0.c_kv_scale", "past.0.k_pe", "past.0.k_pe_scale"]
+    assert [p["name"] for p in man["graph"]["inputs"][3:7]] == [
+        "past.0.c_kv",
+        "past.0.c_kv_scale",
+        "past.0.k_pe",
+        "past.0.k_pe_scale",
+    ]
     graph = onnx.load(str(out / "model.onnx")).graph
     types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     assert types["past.1.c_kv"] == onnx.TensorProto.INT8 and types["past.1.c_kv_scale"] == onnx.TensorProto.FLOAT
-    model = load_model(hf_dir).set_cache_dtype("int8")
+    model = load_model(hf_dir, ModelOptions(cache_dtype="int8"))
     sess = LatentSession(out, "fp32")
     r, lens = rows(2, [11, 6], 16)
     rep = teacher_forced(model, sess, r, lens, 16, chunk=4)
     assert rep["max_abs_logit_diff"] <= 2e-2 and rep["top1_agreement"] == 1.0  # int8 rounding edges may differ
     prompt = rows(1, [9], 0)[0][0]
-    assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(model, prompt, 20)
+    assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(
+        model, prompt, 20
+    )

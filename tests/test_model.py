@@ -1,23 +1,42 @@
 """Internal agreement of the decoder: two attention forms, cached vs uncached, chunked prefill, left padding."""
+
 import pytest
 import torch
+from conftest import TINY
 
 from mla_edge.models.config import MLAConfig
-from mla_edge.models.mla import MLAForCausalLM, positions_from_mask
-
-from conftest import TINY
+from mla_edge.models.mla import MLAForCausalLM, ModelOptions, positions_from_mask
 
 
 def tiny(attention="absorbed", seed=0, **over):
-    d = {"model_type": "deepseek_v3", **TINY, "q_lora_rank": 12, "first_k_dense_replace": 2,
-         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                             "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}, **over}
+    d = {
+        "model_type": "deepseek_v3",
+        **TINY,
+        "q_lora_rank": 12,
+        "first_k_dense_replace": 2,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        **over,
+    }
     torch.manual_seed(seed)
-    m = MLAForCausalLM(MLAConfig.from_dict(d), attention).eval()
+    m = MLAForCausalLM(MLAConfig.from_dict(d), ModelOptions(attention=attention)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5) if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
     return m
+
+
+def rebuild(m, **options):
+    """The same weights in a model built with other options (options are never flipped on a built model)."""
+    other = MLAForCausalLM(m.cfg, ModelOptions(**options)).eval()
+    other.load_state_dict(m.state_dict())
+    return other
 
 
 def ids(b, s, seed=0):
@@ -28,8 +47,8 @@ def ids(b, s, seed=0):
 def test_naive_equals_absorbed():
     m = tiny()
     x = ids(2, 24)
-    a, ca = m.set_attention("absorbed")(x)
-    n, cn = m.set_attention("naive")(x)
+    a, ca = m(x)
+    n, cn = rebuild(m, attention="naive")(x)
     assert (a - n).abs().max().item() <= 1e-5
     assert torch.equal(ca[0][0], cn[0][0]) and torch.equal(ca[0][1], cn[0][1])  # layer 0's latent: same ops
     for (c1, p1), (c2, p2) in zip(ca, cn):
@@ -46,7 +65,7 @@ def test_stepwise_decode_equals_full_forward(attention):
     logits, cache = m(x[:, :5])
     steps = [logits]
     for t in range(5, 20):
-        logits, cache = m(x[:, t:t + 1], cache=cache)
+        logits, cache = m(x[:, t : t + 1], cache=cache)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     for (c1, p1), (c2, p2) in zip(cache, full_cache):
@@ -86,8 +105,8 @@ def test_left_padded_batch_equals_each_alone(attention):
     nxt = ids(2, 3, seed=6)
     for t in range(3):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        step, cache = m(nxt[:, t:t + 1], positions_from_mask(mask, 1), mask, cache)
-        ref, short_cache = m(nxt[1:, t:t + 1], cache=short_cache)
+        step, cache = m(nxt[:, t : t + 1], positions_from_mask(mask, 1), mask, cache)
+        ref, short_cache = m(nxt[1:, t : t + 1], cache=short_cache)
         torch.testing.assert_close(step[1], ref[0], atol=1e-5, rtol=0)
 
 
@@ -98,7 +117,7 @@ def test_bad_attention_form_is_refused():
 
 @torch.no_grad()
 def test_int8_cache_stepwise_equals_full_and_stays_close_to_fp32():
-    m = tiny().set_cache_dtype("int8")
+    m = rebuild(tiny(), cache_dtype="int8")
     x = ids(2, 16, seed=7)
     full, full_cache = m(x)
     assert [t.dtype for t in full_cache[0]] == [torch.int8, torch.float32, torch.int8, torch.float32]
@@ -106,12 +125,12 @@ def test_int8_cache_stepwise_equals_full_and_stays_close_to_fp32():
     logits, cache = m(x[:, :6])
     steps = [logits]
     for t in range(6, 16):
-        logits, cache = m(x[:, t:t + 1], cache=cache)
+        logits, cache = m(x[:, t : t + 1], cache=cache)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     for a, b in zip(cache[0], full_cache[0]):  # layer 0: the same int8 codes, up to float noise at a rounding edge
         assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.int8 else 1e-6)
-    fp32, _ = m.set_cache_dtype("float32")(x)
+    fp32, _ = rebuild(m, cache_dtype="fp32")(x)
     assert 0 < (fp32 - full).abs().max() < 0.1 * fp32.abs().max()
     with pytest.raises(ValueError, match="cache dtype must be one of"):
-        m.set_cache_dtype("int4")
+        ModelOptions(cache_dtype="int4")

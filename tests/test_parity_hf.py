@@ -1,9 +1,11 @@
 """Our decoder, loaded from a save_pretrained checkpoint, against transformers' own DeepSeek/MiniCPM3 classes."""
+
 import pytest
 import torch
-
 from conftest import hf_model, save_hf
+
 from mla_edge.models.checkpoint import load_model
+from mla_edge.models.mla import ModelOptions
 
 CASES = [
     ("deepseek_v3", None, True, False),
@@ -21,7 +23,7 @@ CASES = [
 def test_logits_match_transformers(tmp_path, kind, q_lora, interleave, yarn, attention):
     ref = hf_model(kind, q_lora_rank=q_lora, rope_interleave=interleave, yarn=yarn, tie=(kind == "minicpm3"))
     save_hf(ref, tmp_path / "m")
-    ours = load_model(tmp_path / "m", attention=attention)
+    ours = load_model(tmp_path / "m", ModelOptions(attention=attention))
     assert ours.cfg.q_lora_rank == q_lora and ours.cfg.rope_interleave == (interleave or kind == "deepseek_v2")
     ids = torch.randint(0, ref.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,15 +1,17 @@
 """Runtime: torch-free generation that equals PyTorch token for token, lossless streaming, clear errors."""
+
 import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
-
 from conftest import TOKENIZER_TEXT, hf_model, make_tokenizer, save_hf
+
+from mla_edge.cli import main
 from mla_edge.export.pipeline import ExportOptions, export_folder
-from mla_edge.runtime.cli import main
 from mla_edge.runtime.generate import Generator, PromptError
 from mla_edge.runtime.manifest import ManifestError
 from mla_edge.runtime.sampling import SamplingOptions
@@ -23,8 +25,10 @@ CTX = 96
 def text_export(tmp_path_factory):
     """A tiny DeepseekV3 with a real byte-level tokenizer (eos = <|endoftext|> = 0) and a 96-token context."""
     root = tmp_path_factory.mktemp("rt")
-    save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=CTX, bos_token_id=None, eos_token_id=0),
-            root / "hf")
+    save_hf(
+        hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=CTX, bos_token_id=None, eos_token_id=0),
+        root / "hf",
+    )
     make_tokenizer(root / "hf" / "tokenizer.json")
     export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8",), progress=False))
     return root / "hf", root / "out"
@@ -33,6 +37,7 @@ def text_export(tmp_path_factory):
 def torch_greedy(hf_dir, prompt, steps):
     from mla_edge.export.parity import greedy
     from mla_edge.models.checkpoint import load_model
+
     return greedy(load_model(hf_dir), prompt, steps)
 
 
@@ -92,31 +97,40 @@ def test_context_limit_stops_with_length(text_export):
 
 def test_seed_makes_sampling_reproducible(text_export):
     gen = Generator(text_export[1], "int8")
-    opts = dict(sampling=SamplingOptions(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=11),
-                max_new_tokens=30, eos=False)
+    opts = dict(
+        sampling=SamplingOptions(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=11),
+        max_new_tokens=30,
+        eos=False,
+    )
     a, b = gen.generate("She looked", **opts), gen.generate("She looked", **opts)
     c = gen.generate("She looked", **{**opts, "sampling": SamplingOptions(temperature=1.0, seed=12)})
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda g: g.generate("   "), "prompt is empty"),
-    (lambda g: g.generate(TOKENIZER_TEXT[:2000]), r"tokens; the model's context holds 96"),
-    (lambda g: g.generate_ids([[5, 320]]), r"outside the vocabulary \[0, 320\)"),
-    (lambda g: g.generate_ids([[5, -1]]), r"outside the vocabulary"),
-    (lambda g: g.generate_batch([]), "no prompts"),
-    (lambda g: g.generate("hi", max_new_tokens=0), "max_new_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda g: g.generate("   "), "prompt is empty"),
+        (lambda g: g.generate(TOKENIZER_TEXT[:2000]), r"tokens; the model's context holds 96"),
+        (lambda g: g.generate_ids([[5, 320]]), r"outside the vocabulary \[0, 320\)"),
+        (lambda g: g.generate_ids([[5, -1]]), r"outside the vocabulary"),
+        (lambda g: g.generate_batch([]), "no prompts"),
+        (lambda g: g.generate("hi", max_new_tokens=0), "max_new_tokens must be >= 1"),
+    ],
+)
 def test_bad_prompts(text_export, call, match):
     with pytest.raises(PromptError, match=match):
         call(Generator(text_export[1], "fp32"))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ],
+)
 def test_bad_sampling_options(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingOptions(**kw)
@@ -127,8 +141,27 @@ def test_unknown_and_missing_providers(text_export):
         Generator(text_export[1], provider="tpu")
     with pytest.raises(ProviderError, match="'qnn' .*not in this onnxruntime build; available: .*CPUExecutionProvider"):
         Generator(text_export[1], provider="qnn")
-    with pytest.warns(UserWarning, match="running on the CPU"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto on a laptop is the CPU, quietly: it is the API's and the CLI's default
         assert Generator(text_export[1], provider="auto").session.providers == ["CPUExecutionProvider"]
+        assert Generator(text_export[1]).session.providers == ["CPUExecutionProvider"]
+
+
+def test_ort_file_from_another_onnxruntime_falls_back_to_onnx(text_export, tmp_path):
+    from mla_edge.contract import MANIFEST
+
+    moved = tmp_path / "moved"
+    shutil.copytree(text_export[1], moved)
+    man = json.loads((moved / MANIFEST).read_text())
+    assert man["files"]["int8"]["ort"]["onnxruntime"] and man["files"]["int8"]["ort"]["optimization"] == "all"
+    assert Generator(moved, "int8", provider="cpu").session.ort_format  # made here: used
+    man["files"]["int8"]["ort"]["onnxruntime"] = "0.0.1"
+    (moved / MANIFEST).write_text(json.dumps(man))
+    with pytest.warns(
+        UserWarning, match=r"model.int8.ort was optimized for onnxruntime 0.0.1 \(here .*\); loading the .onnx"
+    ):
+        gen = Generator(moved, "int8", provider="cpu")
+    assert not gen.session.ort_format and gen.generate_ids([[5, 6]], max_new_tokens=3)[0].token_ids
 
 
 def test_tampered_model_file(text_export, tmp_path):
@@ -154,25 +187,32 @@ def test_cli_generate_and_errors(text_export, capsys):
     assert main(["generate", out, "The old", "--max-new-tokens", "5", "--json", "--provider", "cpu"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["stats"]["new_tokens"] <= 5 and rep["stats"]["cache_bytes"] < rep["stats"]["mha_cache_bytes"]
-    for argv, msg in [(["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "2"], "top_p must be in"),
-                      (["--provider", "npu"], "unknown provider 'npu'")]:
+    for argv, msg in [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "2"], "top_p must be in"),
+        (["--provider", "npu"], "unknown provider 'npu'"),
+    ]:
         assert main(["generate", out, "hi", *argv]) == 2
         assert msg in capsys.readouterr().err
     assert main(["generate", out, ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
 
 
-BLOCK = "import sys\nfor m in ('torch', 'onnx', 'transformers', 'safetensors', 'onnxscript'):\n    sys.modules[m] = None\n"
+BLOCK = (
+    "import sys\nfor m in ('torch', 'onnx', 'transformers', 'safetensors', 'onnxscript'):\n    sys.modules[m] = None\n"
+)
 
 
 def test_runtime_needs_no_torch(text_export):
     """`import mla_edge.runtime` and a full `mla-edge generate` with torch (and onnx) made unimportable."""
     code = BLOCK + (
         "import mla_edge.runtime, mla_edge.runtime.generate, mla_edge.runtime.session\n"
-        "from mla_edge.runtime.cli import main\n"
-        f"rc = main(['generate', {str(text_export[1])!r}, 'The old house', '--max-new-tokens', '8', '--provider', 'cpu'])\n"
+        "from mla_edge.cli import main\n"
+        f"rc = main(['generate', {str(text_export[1])!r}, 'The old house', '--max-new-tokens', '8', "
+        "'--provider', 'cpu'])\n"
         "assert sys.modules['torch'] is None\n"
-        "sys.exit(rc)\n")
+        "sys.exit(rc)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("The old house") and "decode" in r.stderr
@@ -184,13 +224,16 @@ def test_optimized_model_cache(text_export, tmp_path):
     b = Generator(text_export[1], "int8", optimized_cache=tmp_path / "opt")
     assert b.session.loaded_from_cache
     prompt = [[5, 6, 7, 8]]
-    assert a.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids == \
-        b.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids
+    assert (
+        a.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids
+        == b.generate_ids(prompt, max_new_tokens=10, eos=False)[0].token_ids
+    )
 
 
 def test_bench_runs_and_reports(text_export):
     """The benchmark's plumbing (no timing is asserted: numbers are only reported)."""
     from mla_edge.runtime.bench import format_report, run_bench
+
     rep = run_bench(text_export[1], ["fp32", "int8"], repeats=1, prompt_lens=(16, 32), pasts=(8, 40), rounds=2)
     names = [r["name"] for r in rep["rows"]]
     assert names == ["torch-eager-fp32", "ort-fp32", "ort-int8", "ort-int8 (no iobinding)"]
@@ -204,13 +247,16 @@ def test_bench_runs_and_reports(text_export):
 
 
 def test_generate_memory_limit_errors(text_export, capsys):
-    from mla_edge.runtime.memlimit import mechanism
+    from mla_edge.runtime.memory import mechanism
+
     out = str(text_export[1])
     assert main(["generate", out, "hi", "--provider", "cpu", "--memory-limit", "banana"]) == 2
     assert "not a size" in capsys.readouterr().err
     if mechanism() == "rlimit-as":
         pytest.skip("no writable cgroup here")
-    assert main(["generate", out, "The old", "--provider", "cpu", "--max-new-tokens", "5", "--memory-limit", "1GB"]) == 0
+    assert (
+        main(["generate", out, "The old", "--provider", "cpu", "--max-new-tokens", "5", "--memory-limit", "1GB"]) == 0
+    )
     assert "enforced by cgroup" in capsys.readouterr().err
     assert main(["generate", out, "The old", "--provider", "cpu", "--memory-limit", "8MB"]) == 2
     assert "needed more than the 7.6 MiB memory limit" in capsys.readouterr().err

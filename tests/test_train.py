@@ -1,20 +1,35 @@
 """The training script: resumable to the same weights, clear errors for a bad corpus, a loadable HF checkpoint."""
+
 import json
 import lzma
 
 import pytest
 import torch
+from conftest import TOKENIZER_TEXT
 from safetensors.torch import load_file
 
-from conftest import TOKENIZER_TEXT
 from mla_edge.models.checkpoint import load_model
-from mla_edge.models.train import main as train
+from mla_edge.models.recipes.train import main as train
 
-TINY_ARCH = {"model_type": "deepseek_v3", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16,
-             "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "rope_interleave": False,
-             "max_position_embeddings": 128, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0,
-             "first_k_dense_replace": 2}
+TINY_ARCH = {
+    "model_type": "deepseek_v3",
+    "vocab_size": 300,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "q_lora_rank": None,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 8,
+    "rope_interleave": False,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "first_k_dense_replace": 2,
+}
 
 
 @pytest.fixture
@@ -31,9 +46,33 @@ def corpus(tmp_path):
 
 def run(corpus, out, tokens, *extra):
     d, cfg = corpus
-    return train(["--data", str(d), "--out", str(out), "--config", str(cfg), "--tokens", str(tokens), "--batch", "4",
-                  "--seq", "32", "--eval-every", "4", "--eval-batches", "1", "--final-eval-batches", "2",
-                  "--threads", "1", "--save-dtype", "float32", *extra])
+    return train(
+        [
+            "--data",
+            str(d),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--tokens",
+            str(tokens),
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--eval-every",
+            "4",
+            "--eval-batches",
+            "1",
+            "--final-eval-batches",
+            "2",
+            "--threads",
+            "1",
+            "--save-dtype",
+            "fp32",
+            *extra,
+        ]
+    )
 
 
 def test_resume_gives_the_same_weights_as_one_run(corpus, tmp_path):

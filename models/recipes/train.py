@@ -1,11 +1,12 @@
 """Train an MLA decoder (or its MHA/GQA twin) from scratch on a text corpus, on the CPU by default.
 
-python -m mla_edge.models.train --out runs/demo                # the embedded demo model's recipe
-python -m mla_edge.models.train --out runs/demo --resume       # carry on from runs/demo/train_state
+python -m mla_edge.models.recipes.train --data ../shared/data/eltec-eng --out runs/demo            # the demo recipe
+python -m mla_edge.models.recipes.train --data ../shared/data/eltec-eng --out runs/demo --resume   # carry on
 
 The output folder is a Hugging Face-format checkpoint (config.json, model.safetensors, tokenizer.json)
 that `mla_edge.models.checkpoint.load_model` reads, plus train_log.json with what was measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,25 +18,40 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_model
-from .config import MLAConfig
-from .mla import MLAForCausalLM
+from ..checkpoint import save_model
+from ..config import MLAConfig
+from ..mla import MLAForCausalLM, ModelOptions
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "eltec-eng"
 EOT = "<|endoftext|>"
 
 # The demo recipe: ~6M parameters, MLA cache 80 elements/token/layer (MHA twin: 640).
-DEMO = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-            num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-            v_head_dim=32, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            rope_interleave=False, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=0,
-            eos_token_id=0, first_k_dense_replace=6)
+DEMO = dict(
+    model_type="deepseek_v3",
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    q_lora_rank=None,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    rope_interleave=False,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    bos_token_id=0,
+    eos_token_id=0,
+    first_k_dense_replace=6,
+)
 
 
 class DataError(ValueError):
@@ -64,8 +80,13 @@ def train_tokenizer(text: str, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     docs = text.split(f"\n{EOT}\n")
     tok.train_from_iterator((line for d in docs for line in d.split("\n")), trainer)
     return tok
@@ -108,7 +129,7 @@ def prepare_data(data_dir: Path, out: Path, vocab_size: int, log) -> tuple[np.nd
 
 def batch(data: np.ndarray, rng: np.random.Generator, bsz: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     starts = rng.integers(0, len(data) - seq - 1, size=bsz)
-    x = np.stack([data[s:s + seq + 1] for s in starts]).astype(np.int64)
+    x = np.stack([data[s : s + seq + 1] for s in starts]).astype(np.int64)
     t = torch.from_numpy(x)
     return t[:, :-1], t[:, 1:]
 
@@ -116,14 +137,19 @@ def batch(data: np.ndarray, rng: np.random.Generator, bsz: int, seq: int) -> tup
 def build(cfg: MLAConfig, arch: str, seed: int):
     torch.manual_seed(seed)
     if arch == "mla":
-        model = MLAForCausalLM(cfg, attention="naive")  # naive is the cheaper form for full-sequence training
+        model = MLAForCausalLM(cfg, ModelOptions(attention="naive"))  # the cheaper form for full-sequence training
     else:
-        from .baselines import with_attention
-        model = with_attention(cfg, arch)
+        from .twins import twin
+
+        model = twin(cfg, arch)
     for name, p in model.named_parameters():
         if p.dim() == 1:
             continue
-        std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        std = (
+            0.02 / math.sqrt(2 * cfg.num_hidden_layers)
+            if name.endswith(("o_proj.weight", "down_proj.weight"))
+            else 0.02
+        )
         torch.nn.init.normal_(p, 0.0, std)
     return model
 
@@ -155,8 +181,14 @@ def save_state(out: Path, model, opt, step: int, log_data: dict) -> None:
     tmp = out / "train_state.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.cfg.tie_word_embeddings},
-              str(tmp / "model.safetensors"))
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in model.state_dict().items()
+            if k != "lm_head.weight" or not model.cfg.tie_word_embeddings
+        },
+        str(tmp / "model.safetensors"),
+    )
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "log": log_data}))
     final = out / "train_state"
@@ -166,7 +198,7 @@ def save_state(out: Path, model, opt, step: int, log_data: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.txt.xz and valid.txt.xz")
+    ap.add_argument("--data", type=Path, required=True, help="folder with train.txt.xz and valid.txt.xz")
     ap.add_argument("--out", type=Path, required=True, help="output folder (HF checkpoint + tokenizer + train_state)")
     ap.add_argument("--config", type=Path, help="config.json overriding the demo recipe's architecture")
     ap.add_argument("--arch", default="mla", choices=["mla", "mha", "gqa"], help="attention: MLA, or an MHA/GQA twin")
@@ -181,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
-    ap.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--save-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -193,18 +225,24 @@ def main(argv=None) -> int:
     try:
         train, valid, tok_path = prepare_data(args.data, args.out, cfg.vocab_size, log)
     except DataError as e:
-        raise SystemExit(f"train: error: {e}")
+        raise SystemExit(f"train: error: {e}") from None
     model = build(cfg, args.arch, args.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=False)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=False,
+    )
     per_step = args.batch * args.seq
     total_steps = int(args.tokens // per_step)
-    step, history = 0, {"evals": [], "seconds": 0.0}
+    history: dict[str, Any] = {"evals": [], "seconds": 0.0}
+    step = 0
     state_dir = args.out / "train_state"
     if args.resume:
         from safetensors.torch import load_file
+
         if not (state_dir / "state.json").is_file():
             raise SystemExit(f"train: error: --resume given but {state_dir} holds no saved state")
         model.load_state_dict(load_file(state_dir / "model.safetensors"), strict=False)
@@ -233,9 +271,22 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
         if step % args.eval_every == 0 or step == total_steps:
-            val = evaluate(model, valid, args.batch, args.seq, args.final_eval_batches if step == total_steps else args.eval_batches)
-            history["evals"].append({"step": step, "tokens": step * per_step, "train_loss": loss.item(),
-                                     "val_loss": val, "val_ppl": math.exp(val)})
+            val = evaluate(
+                model,
+                valid,
+                args.batch,
+                args.seq,
+                args.final_eval_batches if step == total_steps else args.eval_batches,
+            )
+            history["evals"].append(
+                {
+                    "step": step,
+                    "tokens": step * per_step,
+                    "train_loss": loss.item(),
+                    "val_loss": val,
+                    "val_ppl": math.exp(val),
+                }
+            )
             history["seconds"] = prior_seconds + time.time() - t0
             log(f"step {step}: train loss {loss.item():.3f}, val loss {val:.3f} (ppl {math.exp(val):.2f})")
             save_state(args.out, model, opt, step, history)
@@ -243,11 +294,23 @@ def main(argv=None) -> int:
     final = history["evals"][-1]
     if args.arch == "mla":  # the twins exist for the comparison table only
         save_model(model, args.out / "model", dtype=args.save_dtype, extra_files={"tokenizer.json": tok_path})
-    report = {"arch": args.arch, "parameters": n_params, "tokens_seen": step * per_step, "steps": step,
-              "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
-              "train_seconds": round(history["seconds"], 1), "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
-              "corpus": str(args.data), "val_loss": final["val_loss"], "val_ppl": final["val_ppl"],
-              "config": arch_dict, "evals": history["evals"]}
+    report = {
+        "arch": args.arch,
+        "parameters": n_params,
+        "tokens_seen": step * per_step,
+        "steps": step,
+        "batch": args.batch,
+        "seq": args.seq,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_seconds": round(history["seconds"], 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "corpus": str(args.data),
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "config": arch_dict,
+        "evals": history["evals"],
+    }
     (args.out / "train_log.json").write_text(json.dumps(report, indent=2))
     log(f"done: val ppl {final['val_ppl']:.2f} after {step * per_step:,} tokens")
     return 0

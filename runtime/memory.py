@@ -1,27 +1,73 @@
-"""Run a command under an enforced memory limit, and say clearly when the limit was hit. Torch-free.
+"""Process memory: peak RSS, `mla-edge generate` in a fresh process, and enforced limits with a clear error.
 
-Mechanisms, best first:
+Limit mechanisms, best first:
   cgroup-v2  a child cgroup with memory.max (and memory.swap.max = 0) under /sys/fs/cgroup (needs write access)
   cgroup-v1  a child of the memory controller with memory.limit_in_bytes (and memsw where present)
   rlimit-as  RLIMIT_AS on the child: limits *virtual* address space, which onnxruntime and numpy reserve
              generously (a process with 86 MiB resident maps ~300 MiB), so the same number is far stricter
 A cgroup limit counts resident memory (and page cache), as a phone's low-memory killer does.
 """
+
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 V2 = Path("/sys/fs/cgroup")
 V1 = Path("/sys/fs/cgroup/memory")
 
 
 class MemoryLimitExceeded(RuntimeError):
-    pass
+    """The limited command was killed by its limit, or failed to allocate under it."""
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM on Linux: it belongs to the process image, so a child started from a big parent (a test runner that
+    imported torch, say) reports its own peak. ru_maxrss survives fork+exec on Linux and would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def cli_command(*args: str) -> list[str]:
+    """The `mla-edge` command line with this interpreter, for a fresh process."""
+    return [sys.executable, "-m", "mla_edge.cli", *args]
+
+
+def run_generate(
+    out_dir: str | Path, prompt: str, precision: str, max_new_tokens: int, threads: int | None = None
+) -> dict:
+    """Run `mla-edge generate --json` in a fresh process (so its peak RSS is its own) and return its stats."""
+    cmd = cli_command(
+        "generate",
+        str(out_dir),
+        prompt,
+        "--json",
+        "--provider",
+        "cpu",
+        "--precision",
+        precision,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        *(["--threads", str(threads)] if threads else []),
+    )
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"generate failed: {r.stderr.strip()[-1500:]}")
+    return json.loads(r.stdout)["stats"]
 
 
 def _writable(p: Path) -> bool:
@@ -93,14 +139,15 @@ def run_limited(cmd: list[str], limit: int, **popen) -> tuple[subprocess.Complet
 
     try:
         proc = subprocess.run(cmd, preexec_fn=preexec, **popen)
-        info = {"mechanism": kind, "limit_bytes": limit, "peak_bytes": group.peak() if group else None}
+        info: dict[str, Any] = {"mechanism": kind, "limit_bytes": limit, "peak_bytes": group.peak() if group else None}
         oom = proc.returncode == -signal.SIGKILL or (group is not None and group.oom_killed())
         if not oom and proc.returncode and isinstance(proc.stderr, str):  # rlimit: allocations fail instead
             oom = any(s in proc.stderr for s in ("MemoryError", "bad_alloc", "Failed to allocate", "Cannot allocate"))
         if oom:
             raise MemoryLimitExceeded(
                 f"the run needed more than the {limit / 2**20:.1f} MiB memory limit ({kind}) and was stopped"
-                + (f"; peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else ""))
+                + (f"; peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else "")
+            )
         return proc, info
     finally:
         if group:
