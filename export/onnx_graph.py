@@ -16,11 +16,12 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from mla_edge.contract import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract, dynamic_graph
+from mla_edge.contract import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract, dynamic_graph, static_graph
 from mla_edge.models.mla import MLAForCausalLM
 
 DEFAULT_OPSET = 21  # int4 (MatMulNBits/GatherBlockQuantized) needs 21
@@ -29,6 +30,8 @@ EXTERNAL_DATA_BYTES = 1 << 30  # past ~1 GiB of weights, keep them beside the gr
 
 class OnnxDecoder(nn.Module):
     """Flat-argument view of MLAForCausalLM for tracing: (ids, mask, positions, *past) -> (logits, *present)."""
+
+    model: MLAForCausalLM
 
     def __init__(self, model: MLAForCausalLM):
         super().__init__()
@@ -80,25 +83,70 @@ def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OP
     """Trace the dynamic graph with torch.onnx.export(dynamo=True) and named dynamic dims. The model must be built
     with ModelOptions(graph_weights=True): the LM head is then untied, so it is MatMul(h, constant W^T), which the
     quantizers reach (tied, int8/int4 would dequantize and transpose the whole embedding every step)."""
-    import onnx
     from torch.export import Dim
 
-    if not model.options.graph_weights:
-        raise ValueError("export_onnx needs a model built with ModelOptions(graph_weights=True)")
-    path = Path(path)
-    cfg, cache_dtype, m = model.cfg, model.options.cache_dtype, model
+    cfg, cache_dtype = model.cfg, model.options.cache_dtype
     batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
     cache_dims = tuple({0: batch, 1: past} for _ in CacheContract.from_config(cfg, cache_dtype).entries())
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
     spec = dynamic_graph(CacheContract.from_config(cfg, cache_dtype), cfg.vocab_size)
+    return _trace(OnnxDecoder(model), example_inputs(cfg, cache_dtype=cache_dtype), spec, path, opset, dynamic_shapes)
+
+
+class StaticDecoder(nn.Module):
+    """Flat-argument view of MLAForCausalLM.forward_static for tracing: (ids int32, positions int32, attn_bias,
+    *buffers) -> (logits, *new rows). RoPE rows are a Gather on constant cos/sin tables of `capacity` positions."""
+
+    model: MLAForCausalLM
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
+    def __init__(self, model: MLAForCausalLM, capacity: int):
+        super().__init__()
+        from mla_edge.models.rope import cos_sin
+
+        self.model = model
+        cos, sin = cos_sin(model.inv_freq, model.rope_factor, torch.arange(capacity)[None])
+        self.register_buffer("cos_table", cos[0].contiguous())  # (N, Dr/2)
+        self.register_buffer("sin_table", sin[0].contiguous())
+
+    def forward(self, input_ids, position_ids, attn_bias, *buffers):
+        cache = [tuple(buffers[2 * i : 2 * i + 2]) for i in range(len(buffers) // 2)]
+        cos = nn.functional.embedding(position_ids, self.cos_table)  # (1,S,Dr/2): a Gather on a constant table
+        sin = nn.functional.embedding(position_ids, self.sin_table)
+        logits, rows = self.model.forward_static(input_ids, cos, sin, attn_bias, cache)
+        return (logits, *[t for pair in rows for t in pair])
+
+
+def export_static(model: MLAForCausalLM, path: str | Path, capacity: int, seq: int, opset: int = DEFAULT_OPSET) -> Path:
+    """One graph of the static protocol: S = seq new tokens over a buffer of `capacity` slots, every dim fixed."""
+    cfg = model.cfg
+    contract = CacheContract.from_config(cfg)
+    spec = static_graph(contract, cfg.vocab_size, capacity, seq)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g, dtype=torch.int32)
+    pos = torch.arange(seq, dtype=torch.int32)[None]
+    bias = torch.zeros(1, seq, capacity + seq)
+    buffers = [torch.randn(1, capacity, contract.width(k), generator=g) for _, k in contract.entries()]
+    return _trace(StaticDecoder(model, capacity), (ids, pos, bias, *buffers), spec, path, opset, None)
+
+
+def _trace(
+    module: OnnxDecoder | StaticDecoder, inputs: tuple, spec: dict, path: str | Path, opset: int, dynamic_shapes: Any
+) -> Path:
+    import onnx
+
+    if not module.model.options.graph_weights:
+        raise ValueError("export needs a model built with ModelOptions(graph_weights=True)")
+    path = Path(path)
     in_names, out_names = [v["name"] for v in spec["inputs"]], [v["name"] for v in spec["outputs"]]
-    n_bytes = sum(p.numel() * 4 for p in m.parameters())
+    n_bytes = sum(p.numel() * 4 for p in module.parameters())
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as log:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                OnnxDecoder(m),
-                example_inputs(cfg, cache_dtype=cache_dtype),
+                module,
+                inputs,
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
                 input_names=in_names,

@@ -22,9 +22,13 @@ from mla_edge.contract import (
     MANIFEST,
     MODEL_FILE,
     PRECISIONS,
+    STATIC_MASK_VALUE,
+    STATIC_WRITE_RULE,
     CacheContract,
     dynamic_graph,
     ort_name,
+    static_file,
+    static_graph,
 )
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.manifest import file_entry, ort_target
@@ -46,6 +50,8 @@ class ExportOptions:
     progress: bool = True
     ort_format: bool = True  # also write model.<precision>.ort, optimized for this machine
     cache_dtype: str = "fp32"  # or "int8": the latent stored as int8 with a per-token scale
+    static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
+    static_chunk: int = 16  # tokens per static prefill chunk
 
 
 def is_export(folder: Path) -> bool:
@@ -84,6 +90,16 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = MLAConfig.from_pretrained(model_dir)  # clear errors for a missing config.json or a MoE config
     wanted = tuple(dict.fromkeys(p for p in opts.quantize if p != "none"))
+    if opts.static_cache is not None:
+        if opts.static_cache < 2 or opts.static_cache > cfg.max_position_embeddings:
+            raise ExportError(
+                f"--static-cache must be between 2 and the model's context "
+                f"({cfg.max_position_embeddings}), got {opts.static_cache}"
+            )
+        if not 1 <= opts.static_chunk < opts.static_cache:
+            raise ExportError(f"--static-chunk must be between 1 and --static-cache - 1, got {opts.static_chunk}")
+        if opts.cache_dtype != "fp32":
+            raise ExportError("the static protocol keeps an fp32 cache: drop --cache-dtype int8 or --static-cache")
     if opts.cache_dtype not in CACHE_DTYPES:
         raise ExportError(f"unknown cache dtype {opts.cache_dtype!r} (choose from {', '.join(CACHE_DTYPES)})")
     for p in wanted:
@@ -107,6 +123,32 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     return manifest
 
 
+def _static(
+    model: Any, tmp: Path, cfg: MLAConfig, contract: CacheContract, opts: ExportOptions, export_static: Callable
+) -> dict:
+    """The static protocol's graphs (decode and prefill chunk) and their manifest section."""
+    from .onnx_graph import model_files
+
+    n, c = opts.static_cache or 0, opts.static_chunk
+    graphs = {
+        "decode": static_graph(contract, cfg.vocab_size, n, 1),
+        "prefill": static_graph(contract, cfg.vocab_size, n, c),
+    }
+    files: dict[str, dict] = {"fp32": {}}
+    for name, spec in graphs.items():
+        path = export_static(model, tmp / static_file(name, "fp32"), n, spec["seq"], opts.opset)
+        files["fp32"][name] = file_entry(tmp, "fp32", model_files(path))
+    return {
+        "protocol": "static",
+        "capacity": n,
+        "chunk": c,
+        "mask_value": STATIC_MASK_VALUE,
+        "write_rule": STATIC_WRITE_RULE,
+        "graphs": graphs,
+        "files": files,
+    }
+
+
 def _build(
     model_dir: Path,
     tmp: Path,
@@ -124,13 +166,14 @@ def _build(
     from mla_edge.models.mla import ModelOptions
 
     from . import quantize as q
-    from .onnx_graph import export_onnx, model_files, save_ort_format
+    from .onnx_graph import export_onnx, export_static, model_files, save_ort_format
 
     stages = [
         "load",
         "export fp32",
         *[f"quantize {p}" for p in wanted],
         *(["ort format"] if opts.ort_format else []),
+        *(["static graphs"] if opts.static_cache else []),
         "manifest",
     ]
     timings: dict[str, float] = {}
@@ -168,6 +211,9 @@ def _build(
                     p: save_ort_format(tmp / MODEL_FILE[p], tmp / ort_name(MODEL_FILE[p])) for p in ("fp32", *wanted)
                 },
             )
+        static = None
+        if opts.static_cache:
+            static = run_stage("static graphs", lambda: _static(model, tmp, cfg, contract, opts, export_static))
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -191,6 +237,8 @@ def _build(
             "files": files,
             "export_seconds": timings,
         }
+        if static:
+            manifest["static"] = static
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         bar.update(1)
     return manifest

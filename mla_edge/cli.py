@@ -120,6 +120,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         force=a.force,
         progress=sys.stderr.isatty(),
         cache_dtype=a.cache_dtype,
+        static_cache=a.static_cache,
+        static_chunk=a.static_chunk,
     )
     manifest = export_folder(model_dir, out, opts)
     if a.json:
@@ -201,15 +203,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     out_dir = export_dir_or_demo(a.args[0] if len(a.args) == 2 else None)
     prompt = a.args[-1]
     sampling = SamplingOptions(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    dynamic = {"opt_level": a.opt_level, "optimized_cache": a.optimized_cache} if a.protocol == "dynamic" else {}
     gen = Generator(
         out_dir,
         a.precision,
         a.provider,
         threads=a.threads,
         iobinding=not a.no_iobinding,
-        opt_level=a.opt_level,
-        optimized_cache=a.optimized_cache,
         prefill_chunk=a.prefill_chunk,
+        protocol=a.protocol,
+        **dynamic,
     )
     gen.encode(prompt)  # a bad prompt fails here, before anything is printed
     kw = dict(sampling=sampling, max_new_tokens=a.max_new_tokens, stop=tuple(a.stop))
@@ -341,6 +344,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
     "nnapi, qnn",
     "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",
+    "protocol": "dynamic (any batch, the cache grows) or static (the device graphs over a fixed buffer, batch 1; "
+    "needs an export made with --static-cache; with --provider qnn it runs wholly on Qualcomm's HTP)",
     "prefill_chunk": "prefill long prompts in chunks of this many tokens (smaller: less scratch memory)",
     "parity_dirs": "the HF model folder and its export folder; with one folder, MODEL_DIR comes from the manifest",
     "calibrate": "measure the runtime overhead on this export (runs `mla-edge generate` at 3 contexts) instead of "
@@ -383,11 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
     p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
+    count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
+    count(p, "--static-chunk", 16, "tokens per static prefill chunk")
 
     p = command("generate", cmd_generate, "generate text from an export folder with onnxruntime (no torch)")
     p.add_argument("args", nargs="+", metavar="[OUT_DIR] PROMPT", help=HELP["out_dir"] + "; then the prompt")
     p.add_argument("--precision", choices=PRECISIONS, help="default: int8 when the export has it, else fp32")
     p.add_argument("--provider", default="auto", help=HELP["provider"])
+    p.add_argument("--protocol", default="dynamic", choices=["dynamic", "static"], help=HELP["protocol"])
     count(p, "--threads", None, "intra-op threads (default: physical cores)")
     count(p, "--max-new-tokens", 128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

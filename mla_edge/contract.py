@@ -52,6 +52,7 @@ STATIC_INPUTS = (INPUT_IDS, POSITION_IDS, ATTN_BIAS)  # then the cache buffers
 STATIC_OUTPUTS = (LOGITS,)  # then the new rows
 CACHE_BUFFER, NEW_ROWS = "cache.{layer}.{kind}", "new.{layer}.{kind}"
 STATIC_GRAPHS = ("decode", "prefill")  # seq 1, and seq = the prefill chunk
+STATIC_PRECISIONS = ("fp32",)  # what the static graphs are written in (an NPU may run fp32 in its fp16 mode)
 # Masked slots get this additive bias: small enough for 16-bit (and 8-bit) quantized activations to keep the
 # unmasked scores' resolution, large enough that exp(-50) ~ 2e-22 removes them.
 STATIC_MASK_VALUE = -50.0
@@ -68,6 +69,11 @@ FORMAT = "mla-edge-export"
 FORMAT_VERSION = 2
 MANIFEST_KEYS = ("model", "cache", "tokens", "files", "graph")
 MODEL_FILE = {p: "model.onnx" if p == "fp32" else f"model.{p}.onnx" for p in PRECISIONS}
+
+
+def static_file(graph: str, precision: str) -> str:
+    """The file of one static graph: static-decode.onnx, static-prefill.onnx (fp32), static-decode.<precision>.onnx."""
+    return f"static-{graph}.onnx" if precision == "fp32" else f"static-{graph}.{precision}.onnx"
 
 
 def ort_name(onnx_name: str) -> str:

@@ -143,9 +143,11 @@ class MLAttention(nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.w_uk, self.w_uv_t) if self.options.graph_weights else self.split_kv_b()
 
-    def forward(self, x, cos, sin, allowed, past):
+    def forward(self, x, cos, sin, allowed, past, bias=None):
         """x (B,S,C); cos/sin (B,S,Dr/2); allowed (B,S,T) or None for plain causal with no past; past: this layer's
-        cache entries (see LatentCache). Returns out (B,S,C) and the present entries (length T = P + S)."""
+        cache entries (see LatentCache). Returns out (B,S,C) and the present entries (length T = P + S).
+        With `bias` (1,S,N+S), the static protocol instead: past is the fixed buffer (c_kv (1,N,R), k_pe (1,N,Dr)),
+        bias the additive mask over its slots and the new tokens, and only the S new rows come back."""
         cfg = self.cfg
         B, S, _ = x.shape
         H, Dn, Dv, scale = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.softmax_scale
@@ -157,6 +159,8 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
         pe_new = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
+        if bias is not None:
+            return self._static(q_nope, q_pe, c_new, pe_new, bias, past), (c_new, pe_new)
         if self.options.cache_dtype == "int8":  # quantize on write, dequantize the whole latent on read
             quant = self.options.cache_quantizer
             new = (*quant(c_new, self.layer, "c_kv"), *quant(pe_new, self.layer, "k_pe"))
@@ -190,6 +194,23 @@ class MLAttention(nn.Module):
             out = (probs @ c_kv[:, None]) @ w_uv_t  # bhst,btc->bhsc; bhsc,hcv->bhsv
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv)), present
 
+    def _static(self, q_nope, q_pe, c_new, pe_new, bias, buffer) -> torch.Tensor:
+        """Absorbed attention over a fixed buffer plus the new rows, never concatenating the cache: scores against
+        the buffer (1,H,S,N) and against the new rows (1,H,S,S) are joined, softmaxed under the additive bias, and
+        split again. Nothing here depends on a runtime shape (no Shape, Range, Where)."""
+        cfg = self.cfg
+        S, N, H, scale = q_nope.shape[2], buffer[0].shape[1], cfg.num_attention_heads, cfg.softmax_scale
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = (q_nope @ w_uk) * scale  # (1,H,S,R)
+        q_rot = q_pe * scale  # (1,H,S,Dr)
+        c_buf, pe_buf = buffer[0][:, None], buffer[1][:, None]  # (1,1,N,R), (1,1,N,Dr)
+        old = q_lat @ c_buf.transpose(-1, -2) + q_rot @ pe_buf.transpose(-1, -2)  # (1,H,S,N)
+        new = q_lat @ c_new[:, None].transpose(-1, -2) + q_rot @ pe_new[:, None].transpose(-1, -2)  # (1,H,S,S)
+        probs = (torch.cat([old, new], -1) + bias[:, None]).softmax(dim=-1)  # (1,H,S,N+S)
+        out_lat = probs[..., :N] @ c_buf + probs[..., N:] @ c_new[:, None]  # (1,H,S,R)
+        out = (out_lat @ w_uv_t).transpose(1, 2).reshape(1, S, H * cfg.v_head_dim)
+        return self.o_proj(out)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MLAConfig, layer: int, attention: nn.Module):
@@ -200,8 +221,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, h, cos, sin, allowed, past):
-        a, present = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past)
+    def forward(self, h, cos, sin, allowed, past, bias=None):
+        a, present = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past, bias)
         h = h + a * self.residual_scale
         h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
         return h, present
@@ -269,17 +290,30 @@ class MLAForCausalLM(nn.Module):
         cos, sin = cos_sin(self.inv_freq, self.rope_factor, position_ids)
         # None = plain causal over S new tokens with no past and no padding (lets training use fused SDPA)
         allowed = None if plain else attention_allowed(attention_mask, S)
+        return self._decode_layers(input_ids, cos, sin, allowed, cache)
+
+    def _decode_layers(self, input_ids, cos, sin, allowed, cache, bias=None):
         h = self.model.embed_tokens(input_ids)
-        if cfg.scale_emb != 1.0:
-            h = h * cfg.scale_emb
+        if self.cfg.scale_emb != 1.0:
+            h = h * self.cfg.scale_emb
         new_cache: LatentCache = []
         for layer, past in zip(self.model.layers, cache):
-            h, present = layer(h, cos, sin, allowed, past)
+            h, present = layer(h, cos, sin, allowed, past, bias)
             new_cache.append(present)
         return self.model.norm(h), new_cache
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h / self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else h)
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
         h, new_cache = self.hidden_states(input_ids, position_ids, attention_mask, cache)
-        if self.cfg.logits_scale != 1.0:
-            h = h / self.cfg.logits_scale
-        return self.lm_head(h), new_cache
+        return self._logits(h), new_cache
+
+    def forward_static(self, input_ids, cos, sin, attn_bias, buffers: LatentCache):
+        """The static protocol (mla_edge.contract): batch 1, ids (1,S), RoPE rows cos/sin (1,S,Dr/2), the additive
+        mask (1,S,N+S) and every layer's buffer (c_kv (1,N,R), k_pe (1,N,Dr)) -> logits (1,S,V) and each layer's
+        new rows (c_kv (1,S,R), k_pe (1,S,Dr)), which the host writes into its buffers."""
+        if self.options.attention != "absorbed" or self.options.cache_dtype != "fp32":
+            raise ValueError("the static protocol runs the absorbed form over an fp32 cache")
+        h, rows = self._decode_layers(input_ids, cos, sin, None, buffers, attn_bias)
+        return self._logits(h), rows

@@ -19,6 +19,7 @@ from mla_edge.contract import comparison, positions_from_mask
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingOptions
 from .session import DEFAULT_PROVIDER, LatentSession
+from .static import StaticSession
 from .textstream import TextStream
 
 # Long prompts are prefilled in chunks: attention scratch grows with chunk x context, and onnxruntime's arena keeps
@@ -59,15 +60,23 @@ class Generator:
         *,
         iobinding: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
+        protocol: str = "dynamic",
         **session: Any,
     ):
-        """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces. The
-        remaining keywords (threads, opt_level, optimized_cache, verify) go to LatentSession."""
+        """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces.
+        protocol: "dynamic" (any batch; LatentSession) or "static" (batch 1 over fixed buffers; StaticSession, the
+        device protocol). The remaining keywords (threads, opt_level, optimized_cache, verify) go to the session."""
         t0 = time.perf_counter()
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.session = LatentSession(export_dir, precision, provider, **session)
+        self.session: LatentSession | StaticSession
+        if protocol == "static":
+            self.session = StaticSession(export_dir, precision, provider, **session)
+        elif protocol == "dynamic":
+            self.session = LatentSession(export_dir, precision, provider, **session)
+        else:
+            raise ValueError(f"protocol must be dynamic or static, got {protocol!r}")
         self.manifest = self.session.manifest
         self.tokenizer = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():

@@ -97,8 +97,13 @@ class Manifest:
         if precision not in self.data["files"]:
             raise ManifestError(f"precision {precision!r} is not in this export (has: {', '.join(self.precisions)})")
         entry = self.data["files"][precision]
-        files = entry["files"] + ([entry["ort"]] if entry.get("ort") else [])  # a tampered export is refused whole
-        for f in files:
+        path = self.verified_path(entry, verify)
+        return self.folder / entry["ort"]["path"] if ort_format else path
+
+    def verified_path(self, entry: dict, verify: bool = True) -> Path:
+        """A manifest file entry's path, after checking that all its files (graph, external data, .ort) exist and,
+        with verify, match their sha256: a tampered export is refused whole."""
+        for f in entry["files"] + ([entry["ort"]] if entry.get("ort") else []):
             p = self.folder / f["path"]
             if not p.is_file():
                 raise ManifestError(f"model file {p} listed in {MANIFEST} is missing")
@@ -106,7 +111,7 @@ class Manifest:
                 raise ManifestError(
                     f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
                 )
-        return self.folder / (entry["ort"]["path"] if ort_format else entry["path"])
+        return self.folder / entry["path"]
 
     @property
     def past_names(self) -> list[str]:
