@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mla_edge.contract import (
     CACHE_DTYPES,
     FORMAT,
@@ -23,6 +25,7 @@ from mla_edge.contract import (
     MODEL_FILE,
     PRECISIONS,
     STATIC_MASK_VALUE,
+    STATIC_PRECISIONS,
     STATIC_WRITE_RULE,
     CacheContract,
     dynamic_graph,
@@ -52,6 +55,8 @@ class ExportOptions:
     cache_dtype: str = "fp32"  # or "int8": the latent stored as int8 with a per-token scale
     static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
     static_chunk: int = 16  # tokens per static prefill chunk
+    static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for QNN)
+    qnn_context: str | None = None  # compile the static graphs for this Snapdragon SoC (sm8650, ...): EPContext files
 
 
 def is_export(folder: Path) -> bool:
@@ -100,6 +105,25 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             raise ExportError(f"--static-chunk must be between 1 and --static-cache - 1, got {opts.static_chunk}")
         if opts.cache_dtype != "fp32":
             raise ExportError("the static protocol keeps an fp32 cache: drop --cache-dtype int8 or --static-cache")
+        for p in opts.static_quantize:
+            if p not in STATIC_PRECISIONS[1:]:
+                raise ExportError(f"unknown --static-quantize {p!r} (choose from {', '.join(STATIC_PRECISIONS[1:])})")
+        if {"w8a16", "w8a8"} & set(opts.static_quantize) and (
+            opts.calibration_text is None
+            or not Path(opts.calibration_text).is_file()
+            or not (model_dir / "tokenizer.json").is_file()
+        ):
+            raise ExportError(
+                "--static-quantize w8a16/w8a8 calibrates on text: pass --calibration-text FILE "
+                "(and the model folder needs its tokenizer.json)"
+            )
+        if opts.qnn_context:
+            from mla_edge.runtime.static import qnn_session_options, qnn_target
+
+            qnn_target(opts.qnn_context)  # a wrong SoC name fails here, before any work
+            qnn_session_options()  # and so does a missing onnxruntime-qnn
+    elif opts.static_quantize or opts.qnn_context:
+        raise ExportError("--static-quantize and --qnn-context need --static-cache N")
     if opts.cache_dtype not in CACHE_DTYPES:
         raise ExportError(f"unknown cache dtype {opts.cache_dtype!r} (choose from {', '.join(CACHE_DTYPES)})")
     for p in wanted:
@@ -124,29 +148,81 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
 
 
 def _static(
-    model: Any, tmp: Path, cfg: MLAConfig, contract: CacheContract, opts: ExportOptions, export_static: Callable
+    model: Any,
+    tmp: Path,
+    cfg: MLAConfig,
+    contract: CacheContract,
+    opts: ExportOptions,
+    tokenizer: Path,
+    calib: Path | None,
 ) -> dict:
-    """The static protocol's graphs (decode and prefill chunk) and their manifest section."""
-    from .onnx_graph import model_files
+    """The static protocol's graphs (decode and prefill chunk) in each static precision, and their manifest section.
+    The graphs are traced from a twin of the model built with device_ops (mobile-friendly ops, the same numbers)."""
+    from mla_edge.models.mla import MLAForCausalLM, ModelOptions
+    from mla_edge.runtime.static import StaticSession
 
+    from . import quantize as q
+    from .onnx_graph import export_static, model_files
+
+    device = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=True)).eval()
+    device.load_state_dict(model.state_dict())
     n, c = opts.static_cache or 0, opts.static_chunk
     graphs = {
         "decode": static_graph(contract, cfg.vocab_size, n, 1),
         "prefill": static_graph(contract, cfg.vocab_size, n, c),
     }
-    files: dict[str, dict] = {"fp32": {}}
-    for name, spec in graphs.items():
-        path = export_static(model, tmp / static_file(name, "fp32"), n, spec["seq"], opts.opset)
-        files["fp32"][name] = file_entry(tmp, "fp32", model_files(path))
-    return {
+    section: dict[str, Any] = {
         "protocol": "static",
         "capacity": n,
         "chunk": c,
         "mask_value": STATIC_MASK_VALUE,
         "write_rule": STATIC_WRITE_RULE,
         "graphs": graphs,
-        "files": files,
+        "files": {"fp32": {}},
     }
+    for name, spec in graphs.items():
+        path = export_static(device, tmp / static_file(name, "fp32"), n, spec["seq"], opts.opset)
+        section["files"]["fp32"][name] = file_entry(tmp, "fp32", model_files(path))
+    feeds = None
+    for p in opts.static_quantize:
+        if p in q.QNN_QDQ and feeds is None:
+            feeds = static_calibration_feeds(StaticSession(tmp, "fp32", "cpu", section=section), tokenizer, calib)
+        section["files"][p] = {}
+        for name in graphs:
+            src, dst = tmp / static_file(name, "fp32"), tmp / static_file(name, p)
+            q.quantize_int8(src, dst) if p == "int8" else q.quantize_qnn(src, dst, feeds[name], p)  # type: ignore
+            section["files"][p][name] = file_entry(tmp, p, model_files(dst))
+    from .mobile import mobile_ort_files, qnn_context_files, tokenizer_graphs
+
+    section["required_operators"] = mobile_ort_files(tmp, section)
+    if opts.qnn_context:
+        qnn_context_files(tmp, section, opts.qnn_context)
+    if tokenizer.is_file():
+        section["tokenizer_graphs"] = tokenizer_graphs(tokenizer, tmp)
+    return section
+
+
+def static_calibration_feeds(
+    session: Any, tokenizer: Path, calib: Path | None, windows: int = 4, prefill: int = 96, decode: int = 64
+) -> dict[str, list[dict]]:
+    """Feeds of both static graphs from real text: each window is prefilled in chunks, then decoded token by token
+    (teacher-forced), at different positions: windows x decode steps for the decode graph (256 by default)."""
+    from tokenizers import Tokenizer
+
+    if calib is None or not tokenizer.is_file():
+        raise ExportError("QDQ static graphs need calibration text and a tokenizer: pass --calibration-text FILE")
+    ids = Tokenizer.from_file(str(tokenizer)).encode(Path(calib).read_text(encoding="utf-8")).ids
+    prefill = min(prefill, session.capacity - decode - 1)
+    need = prefill + decode
+    if len(ids) < need:
+        raise ExportError(f"calibration text is too short: {len(ids)} tokens, the static graphs need {need}")
+    session.recorded = {}
+    for start in np.linspace(0, len(ids) - need, num=windows).astype(int):
+        session.reset()
+        session.prefill(ids[start : start + prefill])
+        for t in ids[start + prefill : start + need]:
+            session.decode(t)
+    return session.recorded
 
 
 def _build(
@@ -166,7 +242,7 @@ def _build(
     from mla_edge.models.mla import ModelOptions
 
     from . import quantize as q
-    from .onnx_graph import export_onnx, export_static, model_files, save_ort_format
+    from .onnx_graph import export_onnx, model_files, save_ort_format
 
     stages = [
         "load",
@@ -213,7 +289,7 @@ def _build(
             )
         static = None
         if opts.static_cache:
-            static = run_stage("static graphs", lambda: _static(model, tmp, cfg, contract, opts, export_static))
+            static = run_stage("static graphs", lambda: _static(model, tmp, cfg, contract, opts, tokenizer, calib))
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")

@@ -135,3 +135,31 @@ def quantize_int8_qdq(src: Path, dst: Path, feeds: list[dict]) -> None:
         weight_type=QuantType.QInt8,
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
+
+
+# Activation and weight types of the QDQ graphs made for Qualcomm's HTP (onnxruntime's own QNN tooling).
+QNN_QDQ = {"w8a16": ("QUInt16", "QUInt8"), "w8a8": ("QUInt8", "QUInt8")}
+
+
+def quantize_qnn(src: Path, dst: Path, feeds: list[dict], precision: str = "w8a16") -> None:
+    """A QDQ graph for the QNN HTP backend with onnxruntime.quantization.execution_providers.qnn: the graph is
+    preprocessed for QNN, then calibrated (MinMax) on `feeds` and quantized with QNN's op rules (per-tensor MatMul
+    weights: QNN has no per-channel MatMul)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    act, weight = (getattr(QuantType, t) for t in QNN_QDQ[precision])
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    model = pre if qnn_preprocess_model(str(src), str(pre)) else src
+    try:
+        config = get_qnn_qdq_config(str(model), Reader(), activation_type=act, weight_type=weight)
+        quantize(str(model), str(dst), config)
+    finally:
+        pre.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mla_edge.contract import CACHE_DTYPES, MANIFEST, PLAN_DTYPES, PRECISIONS
+from mla_edge.contract import CACHE_DTYPES, MANIFEST, PLAN_DTYPES, PRECISIONS, STATIC_PRECISIONS
 from mla_edge.models import DEMO_DIR
 
 EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm"}  # what `[export]` installs
@@ -122,6 +122,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         cache_dtype=a.cache_dtype,
         static_cache=a.static_cache,
         static_chunk=a.static_chunk,
+        static_quantize=tuple(a.static_quantize),
+        qnn_context=a.qnn_context,
     )
     manifest = export_folder(model_dir, out, opts)
     if a.json:
@@ -154,12 +156,57 @@ def cmd_parity(a: argparse.Namespace) -> int:
     if text_path is not None and not Path(text_path).is_file():
         raise UserError(f"--text {text_path} not found")
     text = Path(text_path).read_text(encoding="utf-8") if text_path else None
+    if a.static:
+        return _static_parity(a, manifest, text, str(text_path))
     report = run_parity(
         model_dir, out_dir, text, a.steps, a.ppl_tokens, precisions=a.precision, progress=sys.stderr.isatty()
     )
     report["text"] = str(text_path) if text_path else None
     _print_json(report) if a.json else print(format_table(report))
     return 0
+
+
+def _static_parity(a: argparse.Namespace, manifest: Any, text: str | None, text_path: str) -> int:
+    """Static graphs on a provider (say, Qualcomm's HTP) against the fp32 static graphs on the CPU. Torch-free."""
+    from tokenizers import Tokenizer
+
+    from mla_edge.runtime.static import StaticSession, compare
+
+    if manifest.tokenizer_path is None:
+        raise UserError("--static parity reads text: this export has no tokenizer.json")
+    tok = Tokenizer.from_file(str(manifest.tokenizer_path))
+    prompts = [tok.encode(p).ids for p in STATIC_PROMPTS]
+    ids = tok.encode(text).ids[: a.ppl_tokens] if text else []
+    reference = StaticSession(manifest.folder, "fp32", "cpu")
+    report: dict[str, Any] = {"export_dir": str(manifest.folder), "provider": a.provider, "text": text_path}
+    for precision in a.precision or list(manifest.data.get("static", {}).get("files", {})):
+        candidate = StaticSession(manifest.folder, precision, a.provider)
+        report[precision] = compare(
+            reference, candidate, prompts, a.steps, ids, window=min(256, reference.capacity - 1)
+        )
+        r = report[precision]
+        line = f"{precision:6s} on {a.provider}: " + "; ".join(
+            f"prompt {i}: top-1 {p['top1_agreement']:.1%}, greedy diverges at "
+            f"{'never' if p['greedy_divergence_step'] is None else p['greedy_divergence_step']}, "
+            f"max|Δlogit| {p['max_abs_logit_diff']:.3f}"
+            for i, p in enumerate(r["prompts"])
+        )
+        if r["text_tokens"]:
+            line += (
+                f"; ppl {r['ppl_candidate']:.3f} vs {r['ppl_reference']:.3f} fp32 CPU ({r['ppl_change']:+.2%}, "
+                f"{r['text_tokens']} tokens, {r['seconds']:.0f} s)"
+            )
+        print(line, file=sys.stderr if a.json else sys.stdout, flush=True)
+    if a.json:
+        _print_json(report)
+    return 0
+
+
+STATIC_PROMPTS = (
+    "It was a dark and stormy night, and",
+    "The old house stood at the end of the lane, and",
+    '"I do not know," said Mr. Brown,',
+)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -346,6 +393,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",
     "protocol": "dynamic (any batch, the cache grows) or static (the device graphs over a fixed buffer, batch 1; "
     "needs an export made with --static-cache; with --provider qnn it runs wholly on Qualcomm's HTP)",
+    "qnn_context": "compile the static graphs for this Snapdragon SoC (sm8450, sm8475, sm8550, sm8650, sm8750) into "
+    "QNN context files, so a phone skips compiling",
     "prefill_chunk": "prefill long prompts in chunks of this many tokens (smaller: less scratch memory)",
     "parity_dirs": "the HF model folder and its export folder; with one folder, MODEL_DIR comes from the manifest",
     "calibrate": "measure the runtime overhead on this export (runs `mla-edge generate` at 3 contexts) instead of "
@@ -390,10 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
     count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
     count(p, "--static-chunk", 16, "tokens per static prefill chunk")
+    p.add_argument(
+        "--static-quantize",
+        nargs="+",
+        default=[],
+        choices=STATIC_PRECISIONS[1:],
+        help="static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for Qualcomm's HTP)",
+    )
+    p.add_argument("--qnn-context", metavar="SOC", help=HELP["qnn_context"])
 
     p = command("generate", cmd_generate, "generate text from an export folder with onnxruntime (no torch)")
     p.add_argument("args", nargs="+", metavar="[OUT_DIR] PROMPT", help=HELP["out_dir"] + "; then the prompt")
-    p.add_argument("--precision", choices=PRECISIONS, help="default: int8 when the export has it, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}),
+        help="default: int8 when the export has it (dynamic), else fp32",
+    )
     p.add_argument("--provider", default="auto", help=HELP["provider"])
     p.add_argument("--protocol", default="dynamic", choices=["dynamic", "static"], help=HELP["protocol"])
     count(p, "--threads", None, "intra-op threads (default: physical cores)")
@@ -415,7 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, help="text for perplexity (default: MODEL_DIR/heldout.txt when present)")
     count(p, "--steps", 32, "teacher-forced / greedy decode steps")
     count(p, "--ppl-tokens", 4096, "text tokens scored")
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, help="precisions to compare (default: all)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}),
+        help="precisions to compare (default: all)",
+    )
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="compare the static graphs on --provider with the fp32 static graphs on the CPU (no torch)",
+    )
+    p.add_argument("--provider", default="cpu", choices=["cpu", "qnn"], help="with --static: where the graphs run")
 
     p = command("bench", cmd_bench, "measure PyTorch eager vs onnxruntime fp32/int8/int4 side by side (speed, RSS)")
     p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help=HELP["out_dir"])

@@ -52,7 +52,9 @@ STATIC_INPUTS = (INPUT_IDS, POSITION_IDS, ATTN_BIAS)  # then the cache buffers
 STATIC_OUTPUTS = (LOGITS,)  # then the new rows
 CACHE_BUFFER, NEW_ROWS = "cache.{layer}.{kind}", "new.{layer}.{kind}"
 STATIC_GRAPHS = ("decode", "prefill")  # seq 1, and seq = the prefill chunk
-STATIC_PRECISIONS = ("fp32",)  # what the static graphs are written in (an NPU may run fp32 in its fp16 mode)
+# The static graphs' precisions: fp32 (CPU, NNAPI, CoreML; Qualcomm's HTP runs it in its fp16 mode), int8 (dynamic
+# int8 for the CPU), and QDQ made for Qualcomm's HTP: w8a16 (8-bit weights, 16-bit activations) and w8a8.
+STATIC_PRECISIONS = ("fp32", "int8", "w8a16", "w8a8")
 # Masked slots get this additive bias: small enough for 16-bit (and 8-bit) quantized activations to keep the
 # unmasked scores' resolution, large enough that exp(-50) ~ 2e-22 removes them.
 STATIC_MASK_VALUE = -50.0

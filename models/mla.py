@@ -49,12 +49,15 @@ class ModelOptions:
     graph_weights  for export: W_UK / W_UV^T and an untied LM head held as tensors of their own, derived from the
                    checkpoint at load, so that they become plain initializers the quantizers reach
     cache_quantizer  the int8 scheme (default: per token); studies pass their own
+    device_ops     for the static device graphs: norms take their mean with a MatMul instead of ReduceMean, which
+                   CoreML's NeuralNetwork format lacks (the same numbers; onnxruntime's CPU fusion wants ReduceMean)
     """
 
     attention: str = "absorbed"
     cache_dtype: str = "fp32"
     graph_weights: bool = False
     cache_quantizer: CacheQuantizer = quantize_per_token
+    device_ops: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_FORMS:
@@ -90,15 +93,21 @@ def attention_allowed(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / sqrt(mean(x^2) + eps) * weight, with a Div (never Reciprocal: Qualcomm's HTP computes a quantized
+    Sqrt -> Reciprocal wrongly). With matmul_mean the mean is x^2 @ (1/dim) ones, for mobile providers."""
+
+    def __init__(self, dim: int, eps: float, matmul_mean: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.matmul_mean = eps, matmul_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # this form onnxruntime fuses into one op
-        return self.weight * xf.to(x.dtype)
+        if self.matmul_mean:
+            sq = (xf * xf) @ torch.full((xf.shape[-1], 1), 1.0 / xf.shape[-1], device=x.device)
+        else:
+            sq = xf.pow(2).mean(-1, keepdim=True)  # this form onnxruntime fuses into one op
+        return self.weight * (xf / torch.sqrt(sq + self.eps)).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -124,10 +133,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, options.device_ops)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(C, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, options.device_ops)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, C, bias=bias)
         if options.graph_weights:  # not in state_dict: derived from kv_b_proj whenever weights are loaded
@@ -154,7 +163,8 @@ class MLAttention(nn.Module):
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, S, H, cfg.qk_head_dim).transpose(1, 2)  # (B,H,S,Dn+Dr)
         q_nope = q[..., :Dn]
-        q_pe = apply_rope(q[..., Dn:], cos[:, None], sin[:, None], cfg.rope_interleave)  # (B,H,S,Dr)
+        cos_h, sin_h = cos.reshape(B, 1, S, -1), sin.reshape(B, 1, S, -1)  # Reshape, not Unsqueeze: mobile EPs take it
+        q_pe = apply_rope(q[..., Dn:], cos_h, sin_h, cfg.rope_interleave)  # (B,H,S,Dr)
 
         kv = self.kv_a_proj_with_mqa(x)
         c_new = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])  # (B,S,R)
@@ -203,21 +213,23 @@ class MLAttention(nn.Module):
         w_uk, w_uv_t = self.absorbed_weights()
         q_lat = (q_nope @ w_uk) * scale  # (1,H,S,R)
         q_rot = q_pe * scale  # (1,H,S,Dr)
-        c_buf, pe_buf = buffer[0][:, None], buffer[1][:, None]  # (1,1,N,R), (1,1,N,Dr)
+        # Reshape, never Unsqueeze (CoreML's NeuralNetwork format lacks it)
+        c_buf, pe_buf = buffer[0].reshape(1, 1, N, -1), buffer[1].reshape(1, 1, N, -1)  # (1,1,N,R), (1,1,N,Dr)
+        c_row, pe_row = c_new.reshape(1, 1, S, -1), pe_new.reshape(1, 1, S, -1)  # (1,1,S,R), (1,1,S,Dr)
         old = q_lat @ c_buf.transpose(-1, -2) + q_rot @ pe_buf.transpose(-1, -2)  # (1,H,S,N)
-        new = q_lat @ c_new[:, None].transpose(-1, -2) + q_rot @ pe_new[:, None].transpose(-1, -2)  # (1,H,S,S)
-        probs = (torch.cat([old, new], -1) + bias[:, None]).softmax(dim=-1)  # (1,H,S,N+S)
-        out_lat = probs[..., :N] @ c_buf + probs[..., N:] @ c_new[:, None]  # (1,H,S,R)
+        new = q_lat @ c_row.transpose(-1, -2) + q_rot @ pe_row.transpose(-1, -2)  # (1,H,S,S)
+        probs = (torch.cat([old, new], -1) + bias.reshape(1, 1, S, N + S)).softmax(dim=-1)  # (1,H,S,N+S)
+        out_lat = probs[..., :N] @ c_buf + probs[..., N:] @ c_row  # (1,H,S,R)
         out = (out_lat @ w_uv_t).transpose(1, 2).reshape(1, S, H * cfg.v_head_dim)
         return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MLAConfig, layer: int, attention: nn.Module):
+    def __init__(self, cfg: MLAConfig, attention: nn.Module, options: ModelOptions):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
         self.self_attn = attention
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
 
@@ -229,19 +241,21 @@ class DecoderLayer(nn.Module):
 
 
 class MLABody(nn.Module):
-    def __init__(self, cfg: MLAConfig, attention: Callable[[int], nn.Module]):
+    def __init__(self, cfg: MLAConfig, attention: Callable[[int], nn.Module], options: ModelOptions):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention(i)) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        layers = (DecoderLayer(cfg, attention(i), options) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
 
 
 class MLAForCausalLM(nn.Module):
-    inv_freq: torch.Tensor
     """forward(input_ids, position_ids, attention_mask, cache) -> (logits, new_cache); nothing is kept inside.
 
     attention_block: a factory layer index -> attention module (default: MLA with `options`); the MHA/GQA twins of
     the research recipes pass their own."""
+
+    inv_freq: torch.Tensor
 
     def __init__(
         self,
@@ -251,7 +265,7 @@ class MLAForCausalLM(nn.Module):
     ):
         super().__init__()
         self.cfg, self.options = cfg, options
-        self.model = MLABody(cfg, attention_block or (lambda i: MLAttention(cfg, i, options)))
+        self.model = MLABody(cfg, attention_block or (lambda i: MLAttention(cfg, i, options)), options)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings and not options.graph_weights:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -33,8 +33,18 @@ def static_bias(length: int, valid: int, seq: int, capacity: int, mask_value: fl
     return bias
 
 
-# HTP runs an fp32 graph in its fp16 mode, which needs a named SoC: 57 = Snapdragon 8 Gen 3 (Hexagon v75).
+# Snapdragon SoCs by name -> (QNN soc_model, Hexagon HTP arch), as Qualcomm's QNN SDK numbers them (QnnTypes.h).
+QNN_SOCS = {"sm8450": (36, 69), "sm8475": (42, 69), "sm8550": (43, 73), "sm8650": (57, 75), "sm8750": (69, 79)}
+# HTP runs an fp32 graph in its fp16 mode, which needs a named SoC: 57 = SM8650, Snapdragon 8 Gen 3 (Hexagon v75).
 QNN_HTP_FP16 = {"enable_htp_fp16_precision": "1", "soc_model": "57", "htp_arch": "75"}
+
+
+def qnn_target(soc: str) -> dict:
+    """QNN provider options for one SoC by name (sm8650, ...); a wrong name is a clear error."""
+    if soc.lower() not in QNN_SOCS:
+        raise ManifestError(f"unknown Snapdragon SoC {soc!r} (choose from {', '.join(QNN_SOCS)})")
+    model, arch = QNN_SOCS[soc.lower()]
+    return {"soc_model": str(model), "htp_arch": str(arch)}
 
 
 class StaticSession:
@@ -54,17 +64,23 @@ class StaticSession:
         threads: int | None = None,
         qnn_options: dict | None = None,
         verify: bool = True,
+        section: dict | None = None,
     ):
+        """section: the manifest's static section, for a folder whose manifest is not written yet (the exporter's
+        calibration runs the fp32 graphs this way)."""
         from .session import physical_cores
 
         precision = precision or "fp32"
         if provider not in ("auto", "cpu", "qnn"):
             raise ManifestError(f"the static protocol runs on provider cpu or qnn, not {provider!r}")
         session_options = None
-        if provider == "qnn":
-            session_options = qnn_session_options("htp", {**QNN_HTP_FP16, **(qnn_options or {})})
-        providers = None
-        self.manifest = Manifest.read(export_dir)
+        if provider == "qnn":  # HTP runs fp32 graphs in its fp16 mode; QDQ graphs as they are
+            session_options = qnn_session_options(
+                "htp", {**(QNN_HTP_FP16 if precision == "fp32" else {}), **(qnn_options or {})}
+            )
+        self.manifest = (
+            Manifest(section and {"static": section}, Path(export_dir)) if section else Manifest.read(export_dir)
+        )
         st = self.manifest.data.get("static")
         if not st:
             raise ManifestError(f"{self.manifest.folder} has no static protocol: export it with --static-cache N")
@@ -76,23 +92,27 @@ class StaticSession:
         self.max_context, self.provider = self.capacity, provider
         self.mask_value = float(st["mask_value"])
         self.graphs = st["graphs"]
-        self.vocab_size = self.manifest.data["model"]["vocab_size"]
+        self.vocab_size = self.graphs["decode"]["outputs"][0]["shape"][-1]
+        self.recorded: dict[str, list[dict]] | None = None  # set to {} to keep every feed (calibration)
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, entry in st["files"][precision].items():
-            path = self.manifest.verified_path(entry, verify)
+            ctx = entry.get("qnn_context")
+            use_ctx = (
+                provider == "qnn" and ctx and ctx["soc_model"] == (qnn_options or {}).get("soc_model", ctx["soc_model"])
+            )
+            path = self.manifest.verified_path(ctx if use_ctx else entry, verify)  # compiled once: no compile here
             so = session_options
             if so is None:
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = threads or physical_cores()
                 so.log_severity_level = 3
-            try:  # with session options from qnn_providers, the provider is in them
-                kw = {} if session_options is not None else {"providers": providers or ["CPUExecutionProvider"]}
+            try:  # with session options from qnn_session_options, the provider is in them
+                kw = {} if session_options is not None else {"providers": ["CPUExecutionProvider"]}
                 self.sessions[name] = ort.InferenceSession(str(path), so, **kw)
             except Exception as e:  # onnxruntime's own error types
                 raise ManifestError(f"onnxruntime cannot load {path.name}: {e}") from None
         spec = self.graphs["decode"]["inputs"][len((INPUT_IDS, POSITION_IDS, ATTN_BIAS)) :]
         self.buffer_specs = [(v["name"], v["shape"], np.dtype(v["dtype"])) for v in spec]
-        self.row_names = [v["name"] for v in self.graphs["decode"]["outputs"][1:]]
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +125,7 @@ class StaticSession:
         return sum(b.nbytes for b in self.buffers.values())
 
     def _run(self, graph: str, ids: list[int]) -> np.ndarray:
+        """One graph call on up to seq tokens; returns the logits of the valid ones (valid, V)."""
         seq, valid = self.graphs[graph]["seq"], len(ids)
         if self.length + valid > self.capacity:
             raise CapacityError(
@@ -118,11 +139,13 @@ class StaticSession:
         }
         feed[INPUT_IDS][0, :valid] = ids
         feed[POSITION_IDS][0] = np.minimum(self.length + np.arange(seq), self.capacity - 1)
+        if self.recorded is not None:
+            self.recorded.setdefault(graph, []).append({k: v.copy() for k, v in feed.items()})
         outs = self.sessions[graph].run(None, feed)
         for name, rows in zip(self.buffer_specs, outs[1:]):  # the write rule: rows [0, valid) at [length, +valid)
             self.buffers[name[0]][0, self.length : self.length + valid] = rows[0, :valid]
         self.length += valid
-        return outs[0][0, valid - 1]
+        return outs[0][0, :valid]
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         if self.length + len(ids) + 1 > self.capacity:
@@ -130,28 +153,34 @@ class StaticSession:
                 f"the prompt has {len(ids)} tokens; the static cache holds {self.capacity} "
                 "(prompt + new tokens): re-export with a larger --static-cache"
             )
-        logits = None
-        for s in range(0, len(ids), self.chunk):  # the last chunk is padded at its end; only valid rows are written
-            logits = self._run("prefill", ids[s : s + self.chunk])
-        assert logits is not None
-        return logits
+        return self.score(ids)[-1]
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Logits (len(ids), V) of every token, fed in prefill chunks after what the buffers hold (the last chunk is
+        padded at its end; only valid rows are written)."""
+        if not ids:
+            raise ValueError("no tokens to feed")
+        return np.concatenate([self._run("prefill", ids[s : s + self.chunk]) for s in range(0, len(ids), self.chunk)])
 
     def decode(self, token: int) -> np.ndarray:
-        return self._run("decode", [token])
+        return self._run("decode", [token])[0]
 
     # ---- LatentSession's interface, for Generator ---------------------------------------------------------------
     def empty_cache(self, batch: int) -> dict:
         if batch != 1:
             raise CapacityError(f"the static protocol runs one sequence at a time, not a batch of {batch}")
         self.reset()
-        return {}
+        return {"length": 0}
 
     def step(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict
     ) -> tuple[np.ndarray, dict]:
+        """The cache token is the buffer length: stepping from an older token rewinds (slots past it are masked and
+        get overwritten), so a benchmark can decode several times from one prefill, as with the dynamic cache."""
+        self.length = cache["length"]
         ids = [int(t) for t in np.asarray(input_ids)[0]]
         logits = self.decode(ids[0]) if len(ids) == 1 else self.prefill(ids)
-        return logits[None, None], cache
+        return logits[None, None], {"length": self.length}
 
     step_bound = step
 
@@ -177,3 +206,73 @@ def qnn_session_options(backend: str = "htp", options: dict | None = None) -> or
         warnings.simplefilter("ignore")
         so.add_provider_for_devices(devices[:1], {"backend_path": path, **(options or {})})
     return so
+
+
+def compare(
+    reference: StaticSession,
+    candidate: StaticSession,
+    prompts: list[list[int]],
+    steps: int,
+    text: list[int],
+    window: int,
+) -> dict:
+    """The candidate (say, HTP) against the reference (say, fp32 on the CPU), both static: free-running greedy text
+    from each prompt (top-1 agreement, first divergence), teacher-forced max |Δlogit| along the reference's tokens, and
+    perplexity of both on `text` in windows of `window` tokens, each a fresh prefill."""
+    import math
+    import time
+
+    runs = []
+    for ids in prompts:
+        reference.reset()
+        candidate.reset()
+        a, b = reference.prefill(ids), candidate.prefill(ids)
+        diff, ours, theirs = [float(np.abs(a - b).max())], [], []
+        for _ in range(steps):
+            ours.append(int(b.argmax()))
+            theirs.append(int(a.argmax()))
+            a, b = reference.decode(theirs[-1]), candidate.decode(theirs[-1])  # teacher-forced on the reference
+            diff.append(float(np.abs(a - b).max()))
+        free = _greedy(candidate, ids, steps)
+        first = next((i for i, (x, y) in enumerate(zip(free, theirs)) if x != y), None)
+        runs.append(
+            {
+                "prompt_tokens": len(ids),
+                "top1_agreement": sum(x == y for x, y in zip(ours, theirs)) / steps,
+                "greedy_divergence_step": first,
+                "max_abs_logit_diff": max(diff),
+            }
+        )
+    report: dict = {"steps": steps, "prompts": runs, "text_tokens": 0}
+    if text:
+        t0 = time.perf_counter()
+        nll = {"reference": 0.0, "candidate": 0.0}
+        count = 0
+        for s in range(0, len(text) - 1, window):
+            chunk = text[s : s + window + 1]
+            for key, sess in (("reference", reference), ("candidate", candidate)):
+                sess.reset()
+                logits = sess.score(chunk[:-1]).astype(np.float64)
+                logits -= logits.max(-1, keepdims=True)
+                logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                nll[key] -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+            count += len(chunk) - 1
+        report.update(
+            {
+                "text_tokens": count,
+                "ppl_reference": math.exp(nll["reference"] / count),
+                "ppl_candidate": math.exp(nll["candidate"] / count),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        report["ppl_change"] = report["ppl_candidate"] / report["ppl_reference"] - 1
+    return report
+
+
+def _greedy(sess: StaticSession, ids: list[int], steps: int) -> list[int]:
+    sess.reset()
+    logits, out = sess.prefill(ids), []
+    for _ in range(steps):
+        out.append(int(logits.argmax()))
+        logits = sess.decode(out[-1])
+    return out
