@@ -52,7 +52,7 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
     SoC, into an EPContext model (a small .onnx naming a QNN context binary): a phone loads it without compiling."""
     import onnxruntime as ort
 
-    from mla_edge.runtime.static import QNN_HTP_FP16, qnn_session_options, qnn_target
+    from mla_edge.runtime.static import QNN_HTP_FP16, native_stdout_to_stderr, qnn_session_options, qnn_target
 
     target = qnn_target(soc)
     for precision in [p for p in ("fp32", "w8a16", "w8a8") if p in section["files"]]:
@@ -62,7 +62,8 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
             so.add_session_config_entry("ep.context_enable", "1")
             so.add_session_config_entry("ep.context_file_path", str(tmp / name))
             so.add_session_config_entry("ep.context_embed_mode", "0")
-            ort.InferenceSession(str(tmp / entry["path"]), so)
+            with native_stdout_to_stderr():
+                ort.InferenceSession(str(tmp / entry["path"]), so)
             binaries = sorted(p.name for p in tmp.glob(name[: -len(".onnx")] + "*.bin"))
             entry["qnn_context"] = {**file_entry(tmp, precision, [name, *binaries]), "soc": soc.lower(), **target}
 

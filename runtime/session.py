@@ -73,8 +73,9 @@ def resolve_providers(name: str) -> list:
         raise ProviderError(f"unknown provider {name!r} (choose from auto, {', '.join(PROVIDERS)})")
     ep, opts = PROVIDERS[name]
     if ep not in available:
+        hint = "; Qualcomm's NPU runs the static protocol: --protocol static (onnxruntime-qnn)" if name == "qnn" else ""
         raise ProviderError(
-            f"provider {name!r} ({ep}) is not in this onnxruntime build; available: {', '.join(available)}"
+            f"provider {name!r} ({ep}) is not in this onnxruntime build; available: {', '.join(available)}{hint}"
         )
     return [(ep, opts), "CPUExecutionProvider"] if ep != "CPUExecutionProvider" else [ep]
 

@@ -7,7 +7,11 @@ rows at the write index, exactly as `mla_edge.contract.STATIC_WRITE_RULE` says a
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,20 @@ import onnxruntime as ort
 from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS
 
 from .manifest import Manifest, ManifestError
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Qualcomm's libraries print a banner on the process's stdout when they load; this sends the C-level stdout to
+    stderr meanwhile, so that `--json` output stays one clean JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class CapacityError(ValueError):
@@ -108,7 +126,8 @@ class StaticSession:
                 so.log_severity_level = 3
             try:  # with session options from qnn_session_options, the provider is in them
                 kw = {} if session_options is not None else {"providers": ["CPUExecutionProvider"]}
-                self.sessions[name] = ort.InferenceSession(str(path), so, **kw)
+                with native_stdout_to_stderr():
+                    self.sessions[name] = ort.InferenceSession(str(path), so, **kw)
             except Exception as e:  # onnxruntime's own error types
                 raise ManifestError(f"onnxruntime cannot load {path.name}: {e}") from None
         spec = self.graphs["decode"]["inputs"][len((INPUT_IDS, POSITION_IDS, ATTN_BIAS)) :]
@@ -194,7 +213,8 @@ def qnn_session_options(backend: str = "htp", options: dict | None = None) -> or
     except ImportError:
         raise ManifestError("--provider qnn needs onnxruntime-qnn: pip install 'mla-edge[qnn]'") from None
     if "QNNExecutionProvider" not in {d.ep_name for d in ort.get_ep_devices()}:
-        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        with native_stdout_to_stderr():
+            ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
     devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
     if not devices:
         raise ManifestError("onnxruntime-qnn is installed but offers no QNN device here")
