@@ -28,6 +28,7 @@ from mla_edge.contract import (
     STATIC_PRECISIONS,
     STATIC_WRITE_RULE,
     CacheContract,
+    InputError,
     dynamic_graph,
     ort_name,
     static_file,
@@ -39,7 +40,7 @@ from mla_edge.runtime.manifest import file_entry, ort_target
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """Bad input to the exporter; the message names the path or option."""
 
 
@@ -56,6 +57,7 @@ class ExportOptions:
     static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
     static_chunk: int = 16  # tokens per static prefill chunk
     static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for QNN)
+    require_tokenizer: bool = True  # refuse a model folder without a readable tokenizer.json (--no-tokenizer: allow)
     qnn_context: str | None = None  # compile the static graphs for this Snapdragon SoC (sm8650, ...): EPContext files
 
 
@@ -129,7 +131,22 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     for p in wanted:
         if p not in QUANT_CHOICES:
             raise ExportError(f"unknown --quantize {p!r} (choose from {', '.join(QUANT_CHOICES)})")
+    bs = opts.int4_block_size
+    if "int4" in wanted and (not isinstance(bs, int) or bs < 16 or bs & (bs - 1)):
+        raise ExportError(f"--int4-block-size must be a power of two >= 16, got {bs}")
     tokenizer = model_dir / "tokenizer.json"
+    if tokenizer.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(tokenizer))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ExportError(f"{tokenizer} is not a readable tokenizer: {e}") from None
+    elif opts.require_tokenizer:
+        raise ExportError(
+            f"{model_dir} has no tokenizer.json, so the export could not read or write text; add it, "
+            "or pass --no-tokenizer to export a model that takes token ids only"
+        )
     calib = opts.calibration_text
     if "int8-qdq" in wanted:
         if calib is None:

@@ -7,12 +7,11 @@ int8-qdq  static QDQ calibrated on prefill and decode steps of a text: the forma
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheContract
+from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheContract, InputError
 
 # The ops we quantize. Always passed explicitly: the default list reaches ops that break attention.
 OP_TYPES = ["MatMul", "Gather"]
@@ -59,7 +58,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"int4 block size must be a power of two >= 16, got {block_size}")
+        raise InputError(f"int4 block size must be a power of two >= 16, got {block_size}")
     model = onnx.load(str(src))
     q = MatMulNBitsQuantizer(
         model,
@@ -90,7 +89,7 @@ def calibration_feeds(
     ids = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
     need = prefill + decode
     if len(ids) < need:
-        raise ValueError(f"calibration text is too short: {len(ids)} tokens, need at least {need}")
+        raise InputError(f"calibration text is too short: {len(ids)} tokens, need at least {need}")
     sess = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     starts = np.linspace(0, len(ids) - need, num=windows).astype(int)
     feeds = []
@@ -123,7 +122,6 @@ def quantize_int8_qdq(src: Path, dst: Path, feeds: list[dict]) -> None:
         def get_next(self) -> dict | None:
             return next(self.it, None)
 
-    logging.getLogger().setLevel(logging.ERROR)
     quantize_static(
         str(src),
         str(dst),

@@ -14,16 +14,17 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from mla_edge.contract import CACHE_DTYPES, MANIFEST, PLAN_DTYPES, PRECISIONS, STATIC_PRECISIONS
+from mla_edge import __version__
+from mla_edge.contract import CACHE_DTYPES, MANIFEST, PLAN_DTYPES, PRECISIONS, STATIC_PRECISIONS, InputError
 from mla_edge.models import DEMO_DIR
 
 EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm"}  # what `[export]` installs
 
 
-class UserError(Exception):
-    """Bad input the user can fix; printed as one clear line, exit status 2."""
+class UserError(InputError):
+    """Bad command-line input; printed as one clear line, exit status 2."""
 
 
 def _print_json(data: dict) -> None:
@@ -124,6 +125,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         static_chunk=a.static_chunk,
         static_quantize=tuple(a.static_quantize),
         qnn_context=a.qnn_context,
+        require_tokenizer=not a.no_tokenizer,
     )
     manifest = export_folder(model_dir, out, opts)
     if a.json:
@@ -247,6 +249,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if len(a.args) > 2:
         raise UserError('give at most [OUT_DIR] and one PROMPT (quote the prompt: "...")')
+    if len(a.args) == 1 and (Path(a.args[0]) / MANIFEST).is_file():
+        raise UserError(f'the prompt is missing: {a.args[0]} is an export folder (mla-edge generate OUT_DIR "prompt")')
     out_dir = export_dir_or_demo(a.args[0] if len(a.args) == 2 else None)
     prompt = a.args[-1]
     sampling = SamplingOptions(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
@@ -341,6 +345,10 @@ def cmd_budget(a: argparse.Namespace) -> int:
 
     memory = parse_memory(a.memory)
     folder = model_dir_or_demo(a.folder)
+    if a.plot:  # an unwritable plot path fails now, not after a calibration run
+        target = Path(a.plot)
+        if target.is_dir() or not target.parent.is_dir():
+            raise UserError(f"--plot {a.plot}: {'is a folder' if target.is_dir() else 'its folder does not exist'}")
     cal = None
     if a.calibrate:
         if not (folder / MANIFEST).is_file():
@@ -402,11 +410,18 @@ HELP = {  # the flags several commands share, and the long help texts
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming it (the usage block is for --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mla-edge", description="MLA language models on the edge: export, run, measure."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="mla-edge", description="MLA language models on the edge: export, run, measure.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
+    parser.add_argument("--version", action="version", version=f"mla-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str | None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text or argparse.SUPPRESS, description=help_text)
@@ -437,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
     p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
+    p.add_argument("--no-tokenizer", action="store_true", help="export a model folder that has no tokenizer.json")
     count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
     count(p, "--static-chunk", 16, "tokens per static prefill chunk")
     p.add_argument(
@@ -503,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     count(p, "--batch", 1)
     p.add_argument("--calibrate", action="store_true", help=HELP["calibrate"])
     p.add_argument("--plot", metavar="FILE.png", help="draw memory against context for MHA, GQA and MLA (matplotlib)")
-    p.add_argument("--plot-weights", default="int8", choices=PLAN_DTYPES)
-    p.add_argument("--plot-cache", default="fp32", choices=PLAN_DTYPES)
+    p.add_argument("--plot-weights", default="int8", choices=["fp32", "int8", "int4"])
+    p.add_argument("--plot-cache", default="fp32", choices=CACHE_DTYPES)
 
     p = command("_bench-worker", cmd_bench_worker, None)  # hidden: one backend of `bench`, in its own process
     p.add_argument("folder")
@@ -549,9 +565,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
-    except (UserError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (InputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if args.debug:
+            raise
         print(f"mla-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    # anything else is a bug in mla-edge: its traceback shows (please report it)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+
+class InputError(ValueError):
+    """Bad input that a user can fix (a path, a flag, a file, an argument, a prompt). Every mla-edge error type
+    derives from it; the CLI prints it as one line with exit status 2. Any other exception is a bug and keeps its
+    traceback."""
+
+
 # ---- one vocabulary for precision and dtype ------------------------------------------------------------------------
 PRECISIONS = ("fp32", "int8", "int4", "int8-qdq")  # weight precisions of an export (one graph file each)
 CACHE_DTYPES = ("fp32", "int8")  # how the latent cache is stored
@@ -112,7 +119,7 @@ class CacheContract:
 
     def __post_init__(self) -> None:
         if self.dtype not in (*CACHE_DTYPES, "fp16"):
-            raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
 
     @classmethod
     def from_config(cls, cfg: HasCacheDims, dtype: str = "fp32") -> CacheContract:
@@ -223,7 +230,7 @@ def comparison(cfg: Any, dtype: str = "fp32", gqa_heads: int | None = None) -> d
     (GQA). An int8 cache also stores a float32 scale per token for every stored vector (MLA: c_kv and k_pe; MHA/GQA:
     K and V of every KV head). cfg: anything with the config's field names (MLAConfig, or the manifest's model)."""
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     size = DTYPE_BYTES[dtype]
     scale = DTYPE_BYTES[SCALE_DTYPE] if dtype == "int8" else 0
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads

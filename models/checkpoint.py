@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mla_edge.contract import InputError
+
 from .config import MLAConfig
 from .mla import MLAForCausalLM, ModelOptions
 from .rope import inv_freq_and_factor
@@ -23,7 +25,7 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not match its config or cannot be read; the message names the tensor."""
 
 
@@ -249,7 +251,7 @@ def save_model(
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        raise CheckpointError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
     table = tensor_table(model.cfg)
     sd = model.state_dict()

@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mla_edge.contract import InputError
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "minicpm3")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json that we cannot run; the message names the field."""
 
 

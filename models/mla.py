@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla_edge.contract import CACHE_DTYPES, CacheContract, positions_from_mask
+from mla_edge.contract import CACHE_DTYPES, CacheContract, InputError, positions_from_mask
 
 from .config import MLAConfig
 from .rope import apply_rope, cos_sin, inv_freq_and_factor
@@ -61,11 +61,11 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_FORMS:
-            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
+            raise InputError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
         if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+            raise InputError(f"cache dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.graph_weights and self.attention != "absorbed":
-            raise ValueError("graph_weights holds the absorbed weights: it needs attention='absorbed'")
+            raise InputError("graph_weights holds the absorbed weights: it needs attention='absorbed'")
 
 
 def empty_cache(
@@ -328,6 +328,6 @@ class MLAForCausalLM(nn.Module):
         mask (1,S,N+S) and every layer's buffer (c_kv (1,N,R), k_pe (1,N,Dr)) -> logits (1,S,V) and each layer's
         new rows (c_kv (1,S,R), k_pe (1,S,Dr)), which the host writes into its buffers."""
         if self.options.attention != "absorbed" or self.options.cache_dtype != "fp32":
-            raise ValueError("the static protocol runs the absorbed form over an fp32 cache")
+            raise InputError("the static protocol runs the absorbed form over an fp32 cache")
         h, rows = self._decode_layers(input_ids, cos, sin, None, buffers, attn_bias)
         return self._logits(h), rows

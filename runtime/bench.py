@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mla_edge.contract import InputError
+
 from .manifest import Manifest
 from .memory import cli_command, peak_rss_bytes, run_generate
 
@@ -175,7 +177,7 @@ def run_bench(
         manifest.model_path(p)  # an unknown precision or a tampered file: one clear error before any work
     longest = max(max(prompt_lens), max(pasts) + 16)
     if longest > manifest.data["max_context"]:
-        raise ValueError(
+        raise InputError(
             f"the benchmark needs {longest} positions but the model's context holds {manifest.data['max_context']}"
         )
     common = [

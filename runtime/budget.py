@@ -11,17 +11,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mla_edge.contract import DTYPE_BYTES, MANIFEST, PLAN_DTYPES, comparison
+from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError, comparison
 from mla_edge.models.config import MLAConfig
 
 from .generate import PREFILL_CHUNK
 from .manifest import Manifest
 from .memory import run_generate
 
+# What the exporter writes, and bytes per weight where no export exists yet to measure: int4 is MatMulNBits with
+# a float32 scale per block of 32 (0.5 + 4 / 32 bytes per weight).
+WEIGHT_PRECISIONS = {"fp32": 4.0, "int8": 1.0, "int4": 0.625}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """A budget that cannot be planned (bad size, too small for the weights, a failed calibration run)."""
 
 
@@ -45,6 +48,12 @@ def param_count(cfg: MLAConfig) -> int:
     return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + C
 
 
+def graph_weight_count(cfg: MLAConfig) -> int:
+    """Weights in the exported graph: the checkpoint's, plus a second V x C for a tied LM head, which the export
+    unties so that the quantizers reach it."""
+    return param_count(cfg) + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+
+
 def model_facts(folder: str | Path) -> dict[str, Any]:
     """Config and weight bytes from an export folder (measured file sizes) or a HF model folder (parameter count)."""
     folder = Path(folder)
@@ -52,17 +61,18 @@ def model_facts(folder: str | Path) -> dict[str, Any]:
         man = Manifest.read(folder)
         model = man.data["model"]
         cfg = MLAConfig.from_dict(model)
-        files = man.data["files"]
-        weights = {"fp32": files["fp32"]["bytes"], "fp16": files["fp32"]["bytes"] // 2}
-        if "int8" in files:
-            weights["int8"] = files["int8"]["bytes"]
-        source = "export file sizes (fp16 = fp32 / 2)"
+        n = graph_weight_count(cfg)
+        weights = {
+            p: man.data["files"][p]["bytes"] if p in man.data["files"] else int(n * b)
+            for p, b in WEIGHT_PRECISIONS.items()
+        }
+        measured = [p for p in WEIGHT_PRECISIONS if p in man.data["files"]]
+        source = f"export file sizes for {', '.join(measured)}; {n:,} graph weights x bytes per weight for the rest"
     else:
         cfg = MLAConfig.from_pretrained(folder)
-        n = param_count(cfg)
-        weights = {k: n * DTYPE_BYTES[k] for k in PLAN_DTYPES}
-        source = f"{n:,} parameters x bytes per weight"
-    weights.setdefault("int8", param_count(cfg))
+        n = graph_weight_count(cfg)
+        weights = {p: int(n * b) for p, b in WEIGHT_PRECISIONS.items()}
+        source = f"{n:,} graph weights x bytes per weight (an export's file sizes are exact)"
     return {"config": cfg, "weights": weights, "weights_source": source}
 
 
@@ -76,14 +86,15 @@ def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | No
         raise BudgetError(f"batch must be >= 1, got {batch}")
     facts = model_facts(folder)
     cfg = facts["config"]
-    cal = calibration or DEFAULT_CALIBRATION
+    cal = calibration or {**DEFAULT_CALIBRATION, "borrowed": True}
     base, per_tok = cal["base_bytes"], cal["per_token_bytes"]
     rows = []
     for w, wbytes in facts["weights"].items():
-        for c in PLAN_DTYPES:
+        for c in CACHE_DTYPES:
             for form, cbytes in cache_per_token(cfg, c).items():
                 free = memory - wbytes - base
-                ctx = int(free // (batch * cbytes + per_tok)) if free > 0 else 0
+                # every sequence of the batch has its own cache and its own prefill scratch
+                ctx = int(free // (batch * (cbytes + per_tok))) if free > 0 else 0
                 rows.append(
                     {
                         "attention": form,
@@ -115,11 +126,11 @@ def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | No
 
 
 def predict_rss(weights_bytes: int, cache_bytes_per_token: int, context: int, batch: int, calibration: dict) -> float:
+    """Weights + the runtime's base + per sequence of the batch: its cache and its prefill scratch per token."""
     return (
         weights_bytes
-        + batch * context * cache_bytes_per_token
         + calibration["base_bytes"]
-        + calibration["per_token_bytes"] * context
+        + batch * context * (cache_bytes_per_token + calibration["per_token_bytes"])
     )
 
 
@@ -184,10 +195,18 @@ DEFAULT_CALIBRATION: dict[str, Any] = {
 
 
 def format_plan(p: dict) -> str:
+    cal = p["calibration"]
+    origin = (
+        f"BORROWED from a measurement of {cal['export']} on a 2-core x86_64 machine; measure yours with "
+        "`mla-edge budget OUT_DIR --calibrate`"
+        if cal.get("borrowed")
+        else f"measured on {cal['export']}"
+    )
     lines = [
         f"budget {p['memory_bytes'] / 2**20:,.1f} MiB, batch {p['batch']} ({p['model_type']}; weights from "
-        f"{p['weights_source']}; runtime overhead {p['calibration']['base_bytes'] / 2**20:.1f} MiB + "
-        f"{p['calibration']['per_token_bytes']:.0f} B/token, measured)",
+        f"{p['weights_source']})",
+        f"  runtime overhead {cal['base_bytes'] / 2**20:.1f} MiB + {cal['per_token_bytes']:.0f} B/token per sequence, "
+        f"{origin}",
         f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}",
     ]
     by: dict[tuple[str, str], dict[str, int]] = {}

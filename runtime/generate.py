@@ -5,6 +5,7 @@ No torch. The tokenizer is the export's tokenizer.json, read by the `tokenizers`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from mla_edge.contract import comparison, positions_from_mask
+from mla_edge.contract import InputError, comparison, positions_from_mask
 
+from .manifest import ManifestError
 from .memory import peak_rss_bytes
 from .sampling import Sampler, SamplingOptions
 from .session import DEFAULT_PROVIDER, LatentSession
@@ -28,7 +30,7 @@ from .textstream import TextStream
 PREFILL_CHUNK = 64
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt (or generation argument) that cannot run; the message says which and why."""
 
 
@@ -68,21 +70,25 @@ class Generator:
         device protocol). The remaining keywords (threads, opt_level, optimized_cache, verify) go to the session."""
         t0 = time.perf_counter()
         if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+            raise PromptError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self._lock = threading.Lock()
         self.session: LatentSession | StaticSession
         if protocol == "static":
             self.session = StaticSession(export_dir, precision, provider, **session)
         elif protocol == "dynamic":
             self.session = LatentSession(export_dir, precision, provider, **session)
         else:
-            raise ValueError(f"protocol must be dynamic or static, got {protocol!r}")
+            raise PromptError(f"protocol must be dynamic or static, got {protocol!r}")
         self.manifest = self.session.manifest
         self.tokenizer = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_path))
+            try:
+                self.tokenizer = Tokenizer.from_file(str(self.manifest.tokenizer_path))
+            except Exception as e:  # the tokenizers library raises its own exception type
+                raise ManifestError(f"{self.manifest.tokenizer_path} is not a readable tokenizer: {e}") from None
         tokens = self.manifest.data["tokens"]
         self.bos = tokens.get("bos")
         self.eos = set(tokens.get("eos") or [])
@@ -96,8 +102,14 @@ class Generator:
 
     # ---- text <-> ids ---------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise PromptError(f"the prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
             raise PromptError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PromptError("the prompt is not valid UTF-8 text (it holds undecodable bytes)") from None
         if self.tokenizer is None:
             raise PromptError("this export has no tokenizer.json; pass token ids instead of text")
         ids = self.tokenizer.encode(prompt).ids
@@ -115,6 +127,8 @@ class Generator:
         return self.generate_batch([prompt], **kw)[0]
 
     def generate_batch(self, prompts: list[str], **kw) -> list[GenerationResult]:
+        if isinstance(prompts, str):
+            raise PromptError("generate_batch takes a list of prompts, not one str (use generate for one prompt)")
         if not prompts:
             raise PromptError("no prompts given")
         return self.generate_ids([self.encode(p) for p in prompts], **kw)
@@ -122,27 +136,37 @@ class Generator:
     def stream(self, prompt: str, **kw) -> Iterator[str]:
         """Text pieces as they are decided; multi-byte characters split across tokens are held back until whole.
         The full result is in self.last_result afterwards."""
-        events = self._run([self.encode(prompt)], **kw)
-        while True:
-            try:
-                row, piece = next(events)
-            except StopIteration as stop:
-                self.last_result = stop.value[0]
-                return
-            if piece:
-                yield piece
+        ids = self.encode(prompt)
+        with self._lock:  # one generation at a time per Generator (a static session owns its buffers)
+            events = self._run([ids], **kw)
+            while True:
+                try:
+                    row, piece = next(events)
+                except StopIteration as stop:
+                    self.last_result = stop.value[0]
+                    return
+                if piece:
+                    yield piece
 
     def generate_ids(self, rows: list[list[int]], **kw) -> list[GenerationResult]:
-        events = self._run(rows, **kw)
-        while True:
-            try:
-                next(events)
-            except StopIteration as stop:
-                return stop.value
+        """Generate from token ids; a Generator is safe to share between threads (it runs one call at a time)."""
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)) or not rows:
+            raise PromptError("generate_ids takes a non-empty list of prompts, each a list of token ids")
+        if any(isinstance(r, (int, str)) or not hasattr(r, "__len__") for r in rows):
+            raise PromptError("generate_ids takes a list of token-id lists, e.g. [[1, 2, 3]], not one flat list")
+        with self._lock:
+            events = self._run(rows, **kw)
+            while True:
+                try:
+                    next(events)
+                except StopIteration as stop:
+                    return stop.value
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def _check(self, rows: list[list[int]], max_new_tokens: int) -> None:
         vocab, ctx = self.session.vocab_size, self.session.max_context
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise PromptError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         for i, r in enumerate(rows):
@@ -166,7 +190,16 @@ class Generator:
     ):
         """Generator of (row, text piece) events; returns the list of GenerationResult."""
         sampling = sampling or SamplingOptions()
-        rows = [list(map(int, r)) for r in rows]
+        if not isinstance(sampling, SamplingOptions):
+            raise PromptError(f"sampling must be a SamplingOptions, got {type(sampling).__name__}")
+        if isinstance(stop, str):
+            stop = (stop,)  # one stop string, not one per character
+        if not all(isinstance(s, str) for s in stop):
+            raise PromptError(f"stop must be a str or a list of str, got {stop!r}")
+        try:
+            rows = [[int(t) for t in r] for r in rows]
+        except (TypeError, ValueError):
+            raise PromptError("token ids must be integers") from None
         self._check(rows, max_new_tokens)
         sampler = Sampler(sampling)
         step = self.session.step_bound if self.iobinding else self.session.step

@@ -15,13 +15,21 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from mla_edge.contract import DYNAMIC_INPUTS, DYNAMIC_OUTPUTS, FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_KEYS
+from mla_edge.contract import (
+    DYNAMIC_INPUTS,
+    DYNAMIC_OUTPUTS,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_KEYS,
+    InputError,
+)
 from mla_edge.models import DEMO_DIR
 
 ORT_OPTIMIZATION = "all"  # the level .ort companions are written at
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """An export folder that cannot be trusted; the message names the file or field."""
 
 
@@ -75,6 +83,25 @@ class Manifest:
         for key in MANIFEST_KEYS:
             if key not in data:
                 raise ManifestError(f"{path}: field {key!r} is missing")
+            if not isinstance(data[key], dict):
+                raise ManifestError(f"{path}: field {key!r} must be an object")
+        if not isinstance(data.get("tokenizer"), (str, type(None))):
+            raise ManifestError(f"{path}: field 'tokenizer' must be a file name or null")
+        if not isinstance(data.get("static", {}), dict):
+            raise ManifestError(f"{path}: field 'static' must be an object")
+        for side in ("inputs", "outputs"):
+            values = data["graph"].get(side)
+            if not isinstance(values, list) or not all(
+                isinstance(v, dict) and isinstance(v.get("name"), str) for v in values
+            ):
+                raise ManifestError(f"{path}: field 'graph.{side}' must be a list of named tensors")
+        for precision, entry in data["files"].items():
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("path"), str)
+                or not isinstance(entry.get("files"), list)
+            ):
+                raise ManifestError(f"{path}: field 'files.{precision}' must name its files")
         return cls(data, folder)
 
     @property

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from mla_edge.contract import InputError
+
+
+def _number(name: str, value: object, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok:
+        raise InputError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -15,15 +24,22 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _number(name, getattr(self, name))
+        _number("top_k", self.top_k, integer=True)
+        if self.seed is not None:
+            _number("seed", self.seed, integer=True)
+            if self.seed < 0:
+                raise InputError(f"seed must be a non-negative integer, got {self.seed}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 class Sampler:

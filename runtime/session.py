@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, InputError
 
 from .manifest import Manifest, ManifestError, ort_target
 
@@ -37,7 +37,7 @@ OPT_LEVELS = {
 }
 
 
-class ProviderError(ValueError):
+class ProviderError(InputError):
     """A provider name this onnxruntime cannot give; the message lists what it has."""
 
 
@@ -99,7 +99,7 @@ class LatentSession:
             precision = "int8" if "int8" in self.manifest.precisions else "fp32"
         self.precision = precision
         if opt_level not in OPT_LEVELS:
-            raise ValueError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
+            raise InputError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
         self.providers = resolve_providers(provider)
         # On the CPU, the export's pre-optimized ORT-format file loads with less memory; other providers (and other
         # optimization levels) take the .onnx so that onnxruntime can partition and optimize it for them.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS
+from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS, InputError
 
 from .manifest import Manifest, ManifestError
 
@@ -36,7 +36,7 @@ def native_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-class CapacityError(ValueError):
+class CapacityError(InputError):
     """More tokens than the static buffer holds."""
 
 
@@ -178,7 +178,7 @@ class StaticSession:
         """Logits (len(ids), V) of every token, fed in prefill chunks after what the buffers hold (the last chunk is
         padded at its end; only valid rows are written)."""
         if not ids:
-            raise ValueError("no tokens to feed")
+            raise InputError("no tokens to feed")
         return np.concatenate([self._run("prefill", ids[s : s + self.chunk]) for s in range(0, len(ids), self.chunk)])
 
     def decode(self, token: int) -> np.ndarray:

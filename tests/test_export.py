@@ -27,7 +27,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     ref = hf_model(q_lora_rank=12, yarn=True, rope_interleave=True)
     save_hf(ref, root / "hf")
-    export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8", "int4"), progress=False))
+    export_folder(
+        root / "hf", root / "out", ExportOptions(require_tokenizer=False, quantize=("int8", "int4"), progress=False)
+    )
     return ref, root / "hf", root / "out"
 
 
@@ -145,7 +147,7 @@ def test_ort_format_gives_same_logits(exported, tmp_path):
 
 def test_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
-        export_folder(tmp_path, tmp_path / "out", ExportOptions(progress=False))
+        export_folder(tmp_path, tmp_path / "out", ExportOptions(require_tokenizer=False, progress=False))
     assert not (tmp_path / "out").exists()
 
 
@@ -155,7 +157,7 @@ def test_moe_config_refused(tmp_path):
     d.update(first_k_dense_replace=1, n_routed_experts=4)
     (tmp_path / "m" / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="first_k_dense_replace=1"):
-        export_folder(tmp_path / "m", tmp_path / "out", ExportOptions(progress=False))
+        export_folder(tmp_path / "m", tmp_path / "out", ExportOptions(require_tokenizer=False, progress=False))
     assert not (tmp_path / "out").exists()
 
 
@@ -164,7 +166,7 @@ def test_existing_out_dir_needs_force(exported, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists; pass --force"):
-        export_folder(hf_dir, tmp_path / "out", ExportOptions(progress=False))
+        export_folder(hf_dir, tmp_path / "out", ExportOptions(require_tokenizer=False, progress=False))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
@@ -174,7 +176,7 @@ def test_unwritable_out_dir(exported, tmp_path, where):
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "out" if where == "under_a_file" else __import__("pathlib").Path("/proc/mla-edge-out")
     with pytest.raises(ExportError, match="out"):
-        export_folder(hf_dir, out, ExportOptions(progress=False))
+        export_folder(hf_dir, out, ExportOptions(require_tokenizer=False, progress=False))
 
 
 def test_failure_halfway_leaves_nothing(exported, tmp_path, monkeypatch):
@@ -187,7 +189,7 @@ def test_failure_halfway_leaves_nothing(exported, tmp_path, monkeypatch):
 
     monkeypatch.setattr(q, "quantize_int8", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        export_folder(hf_dir, tmp_path / "out", ExportOptions(progress=False))
+        export_folder(hf_dir, tmp_path / "out", ExportOptions(require_tokenizer=False, progress=False))
     assert list(tmp_path.iterdir()) == [], "no output folder and no temp folder may remain"
 
 
@@ -202,7 +204,7 @@ def test_failure_during_force_keeps_old_export(exported, tmp_path, monkeypatch):
     before = (target / MANIFEST).read_text()
     monkeypatch.setattr(q, "quantize_int8", lambda s, d: (_ for _ in ()).throw(RuntimeError("killed (simulated)")))
     with pytest.raises(RuntimeError):
-        export_folder(hf_dir, target, ExportOptions(force=True, progress=False))
+        export_folder(hf_dir, target, ExportOptions(require_tokenizer=False, force=True, progress=False))
     assert (target / MANIFEST).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -220,7 +222,9 @@ def test_int8_latent_cache_export(exported, tmp_path):
 
     _, hf_dir, _ = exported
     out = tmp_path / "q8cache"
-    man = export_folder(hf_dir, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))
+    man = export_folder(
+        hf_dir, out, ExportOptions(require_tokenizer=False, quantize=(), cache_dtype="int8", progress=False)
+    )
     cache = man["cache"]
     assert cache["dtype"] == "int8" and cache["bytes_per_token"] == 2 * (16 + 8 + 2 * 4)
     assert [p["name"] for p in man["graph"]["inputs"][3:7]] == [

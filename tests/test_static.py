@@ -26,7 +26,7 @@ BANNED = {"Shape", "Range", "Cos", "Sin", "Where", "And", "LessOrEqual", "Expand
 def static_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("static")
     save_hf(hf_model(q_lora_rank=12, max_position_embeddings=256), root / "hf")
-    opts = ExportOptions(quantize=(), progress=False, static_cache=CAP, static_chunk=CHUNK)
+    opts = ExportOptions(require_tokenizer=False, quantize=(), progress=False, static_cache=CAP, static_chunk=CHUNK)
     export_folder(root / "hf", root / "out", opts)
     return root / "hf", root / "out"
 
@@ -88,11 +88,11 @@ def test_static_bad_input(static_export, tmp_path, capsys):
     with pytest.raises(ManifestError, match="provider cpu or qnn, not 'nnapi'"):
         StaticSession(out, provider="nnapi")
     plain = tmp_path / "plain"
-    export_folder(hf, plain, ExportOptions(quantize=(), progress=False, ort_format=False))
+    export_folder(hf, plain, ExportOptions(require_tokenizer=False, quantize=(), progress=False, ort_format=False))
     assert main(["generate", str(plain), "hi", "--protocol", "static"]) == 2
     assert "has no static protocol: export it with --static-cache N" in capsys.readouterr().err
     with pytest.raises(ExportError, match="--static-cache must be between 2"):
-        export_folder(hf, tmp_path / "x", ExportOptions(progress=False, static_cache=100000))
+        export_folder(hf, tmp_path / "x", ExportOptions(require_tokenizer=False, progress=False, static_cache=100000))
     with pytest.raises(ValueError, match="has 250 tokens; the model's context holds 200"):
         Generator(out, protocol="static", provider="cpu").generate_ids([[5] * 250])
 
@@ -180,7 +180,11 @@ def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(
 
 def test_qnn_bad_input(demo_static, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown Snapdragon SoC 'sm9999' \\(choose from sm8450"):
-        export_folder(DEMO_DIR, tmp_path / "x", ExportOptions(progress=False, static_cache=64, qnn_context="sm9999"))
+        export_folder(
+            DEMO_DIR,
+            tmp_path / "x",
+            ExportOptions(require_tokenizer=False, progress=False, static_cache=64, qnn_context="sm9999"),
+        )
     assert not (tmp_path / "x").exists()
     with pytest.raises(ManifestError, match="onnxruntime cannot load"):
         StaticSession(demo_static, "fp32", "qnn", qnn_options={"soc_model": "9999"})

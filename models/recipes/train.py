@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mla_edge.contract import InputError
+
 from ..checkpoint import save_model
 from ..config import MLAConfig
 from ..mla import MLAForCausalLM, ModelOptions
@@ -54,7 +56,7 @@ DEMO = dict(
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 
