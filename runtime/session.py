@@ -90,6 +90,7 @@ class LatentSession:
         opt_level: str = "all",
         optimized_cache: str | Path | None = None,
         verify: bool = True,
+        ort_format: bool = True,
     ):
         """optimized_cache: a folder where onnxruntime's optimized graph is saved on the first load and loaded
         (with optimizations off) afterwards; one file per model hash, optimization level, provider, onnxruntime
@@ -103,7 +104,9 @@ class LatentSession:
         self.providers = resolve_providers(provider)
         # On the CPU, the export's pre-optimized ORT-format file loads with less memory; other providers (and other
         # optimization levels) take the .onnx so that onnxruntime can partition and optimize it for them.
-        self.ort_format = self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
+        self.ort_format = (
+            ort_format and self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
+        )
         if self.ort_format and "ort" in self.manifest.data["files"].get(precision, {}):
             why = self.manifest.ort_mismatch(precision)
             if why:  # optimized for another build or machine: the portable .onnx is always right

@@ -95,3 +95,19 @@ def make_tokenizer(path, vocab_size: int = 320):
     tok.train_from_iterator([TOKENIZER_TEXT], trainer)
     tok.save(str(path))
     return tok
+
+
+@pytest.fixture(scope="session")
+def text_export(tmp_path_factory):
+    """One shared, read-only export: a tiny DeepseekV3 with a real byte-level tokenizer (eos = <|endoftext|> = 0),
+    a 96-token context, fp32 + int8. Tests that change files copy it first."""
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+
+    root = tmp_path_factory.mktemp("text-export")
+    save_hf(
+        hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=96, bos_token_id=None, eos_token_id=0),
+        root / "hf",
+    )
+    make_tokenizer(root / "hf" / "tokenizer.json")
+    export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8",), progress=False))
+    return root / "hf", root / "out"

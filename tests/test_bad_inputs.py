@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import hf_model, make_tokenizer, save_hf
 
 from mla_edge.cli import main
 from mla_edge.contract import MANIFEST, CacheContract, InputError, comparison
@@ -17,13 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny model with a tokenizer, its export, and variants of both broken in one way each."""
+def world(tmp_path_factory, text_export):
+    """A copy of the shared tiny model and export, and variants of both broken in one way each."""
     root = tmp_path_factory.mktemp("bad")
-    hf = save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=96, eos_token_id=0), root / "hf")
-    make_tokenizer(hf / "tokenizer.json")
-    export_folder(hf, root / "out", ExportOptions(quantize=("int8",), progress=False))
-    w = {"hf": hf, "out": root / "out", "root": root}
+    hf, out = shutil.copytree(text_export[0], root / "hf"), shutil.copytree(text_export[1], root / "out")
+    w = {"hf": hf, "out": out, "root": root}
 
     def variant(name, src, edit):
         dst = root / name
@@ -390,6 +387,7 @@ def test_api_bad_input_raises_mla_edge_errors_only(world):
     assert len(cases) + len(CLI) >= 150
 
 
+@pytest.mark.slow
 def test_force_replaces_only_an_earlier_export_and_leaves_no_temp_folders(world, tmp_path):
     out = tmp_path / "again"
     export_folder(world["hf"], out, ExportOptions(quantize=(), progress=False, ort_format=False))

@@ -61,9 +61,11 @@ def test_contract_module_has_no_heavy_imports():
 def test_info_prints_config_and_cache(tiny_ckpt, capsys):
     assert main(["info", str(tiny_ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "kv_lora_rank" in out and "16" in out
-    # 2 layers x (16 + 8) x 4 bytes = 192 for MLA; MHA: 2 x 4 heads x (8+8+6) x 4 = 704
-    assert "192" in out and "704" in out and "MLA" in out and "MHA" in out and "GQA" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["kv_lora_rank"][-1] == "16"
+    # 2 layers x (16 + 8) x 4 bytes = 192 for MLA; MHA: 2 x 4 heads x (8+8+6) x 4 = 704; GQA (1 kv head): 176
+    assert rows["MLA"][1:3] == ["24", "192"] and rows["MHA"][1:3] == ["88", "704"]
+    assert rows["GQA"][-3:-1] == ["22", "176"]
 
 
 def test_info_json_and_errors(tiny_ckpt, tmp_path, capsys):

@@ -10,7 +10,10 @@ from mla_edge.models import DEMO_DIR
 from mla_edge.models.checkpoint import load_model
 from mla_edge.runtime.manifest import Manifest
 
-pytestmark = pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="demo model not committed")
+pytestmark = [
+    pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="demo model not committed"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")

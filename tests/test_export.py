@@ -2,8 +2,6 @@
 ORT format works, and bad input fails cleanly with nothing half-written."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -38,10 +36,12 @@ def rows(n_rows, lengths, steps, seed=0):
     return [rng.integers(3, 97, size=n + steps).tolist() for n in lengths[:n_rows]], lengths[:n_rows]
 
 
+@pytest.mark.parametrize("file", ["model.ort", "model.onnx"])  # the CPU loads the first; other providers the second
 @pytest.mark.parametrize("case", ["batch1", "batch1_chunked", "batch2_left_padded"])
-def test_fp32_onnx_matches_pytorch_over_32_steps(exported, case):
+def test_fp32_onnx_matches_pytorch_over_32_steps(exported, case, file):
     _, hf_dir, out = exported
-    model, sess = load_model(hf_dir), LatentSession(out, "fp32")
+    model, sess = load_model(hf_dir), LatentSession(out, "fp32", "cpu", ort_format=file == "model.ort")
+    assert sess.ort_format == (file == "model.ort")
     r, lens = rows(2 if "batch2" in case else 1, [11, 6], 32)
     rep = teacher_forced(model, sess, r, lens, 32, chunk=4 if "chunked" in case else None)
     assert len(rep["max_abs_logit_diff_per_step"]) == (3 if "chunked" in case else 1) + 32
@@ -116,30 +116,25 @@ def test_parity_reports_quantized_precisions(exported):
     assert rep["precisions"]["fp32"]["max_abs_logit_diff"] <= 1e-4
     for prec in ("int8", "int4"):  # random weights: reported, not judged
         e = rep["precisions"][prec]
-        assert e["max_abs_logit_diff"] > 0 and 0 <= e["top1_agreement"] <= 1
-        assert e["file_bytes"] == Manifest.read(out).data["files"][prec]["bytes"]
+        assert e["max_abs_logit_diff"] > 0  # quantized: never bit-identical
+        on_disk = sum((out / f["path"]).stat().st_size for f in Manifest.read(out).data["files"][prec]["files"])
+        assert e["file_bytes"] == on_disk > 0
 
 
-def test_ort_format_gives_same_logits(exported, tmp_path):
-    _, _, out = exported
-    work = tmp_path / "ort"
-    work.mkdir()
-    (work / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
-    r = subprocess.run(
-        [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work / "model.onnx")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    ort_file = next(work.glob("*.ort"))
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_shipped_ort_file_gives_the_onnx_files_logits(exported, precision):
+    """The .ort companions the export ships (not a fresh conversion) against the .onnx files beside them."""
     import onnxruntime as ort
 
+    _, _, out = exported
+    entry = Manifest.read(out).data["files"][precision]
+    onnx_file, ort_file = out / entry["path"], out / entry["ort"]["path"]
     ids = np.random.default_rng(1).integers(3, 97, size=(1, 9))
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(9)[None]}
     feed.update({n: np.zeros((1, 0, w), np.float32) for n, w in zip(CacheContract(2, 16, 8).past_names(), [16, 8] * 2)})
-    a = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    a = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     b = ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
-    assert np.abs(a - b).max() <= 1e-5
+    assert np.abs(a - b).max() <= (1e-5 if precision == "fp32" else 1e-3)  # int8: fused kernels round differently
 
 
 # ---- bad input: a clear error and nothing half-written -------------------------------------------------

@@ -5,12 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import hf_model, make_tokenizer, save_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mla_edge.contract import FORMAT, FORMAT_VERSION, MANIFEST, InputError
-from mla_edge.export.pipeline import ExportOptions, export_folder
 from mla_edge.runtime.budget import parse_memory
 from mla_edge.runtime.generate import Generator
 from mla_edge.runtime.manifest import Manifest
@@ -23,12 +21,8 @@ ANY = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def gen(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    hf = save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=96, eos_token_id=0), root / "hf")
-    make_tokenizer(hf / "tokenizer.json")
-    export_folder(hf, root / "out", ExportOptions(quantize=(), progress=False))
-    return Generator(root / "out", "fp32", provider="cpu")
+def gen(text_export):
+    return Generator(text_export[1], "fp32", provider="cpu")
 
 
 @FAST

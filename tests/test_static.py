@@ -139,6 +139,7 @@ def htp_vs_cpu(out, precision: str, steps: int) -> dict:
     return json.loads(line[len("HTP_JSON ") :])
 
 
+@pytest.mark.slow
 def test_demo_fp32_static_graphs_run_whole_on_qualcomm_htp(demo_static):
     """Both static graphs of the demo model load on the HTP backend (simulated here) with CPU fallback disabled, so
     every node runs on the NPU, and their logits stay within fp16 rounding of the same graphs on ORT's CPU.
@@ -148,6 +149,7 @@ def test_demo_fp32_static_graphs_run_whole_on_qualcomm_htp(demo_static):
     assert rep["max_abs_logit_diff"] <= 0.25 and rep["top1"] >= 12 / 13, rep
 
 
+@pytest.mark.slow
 def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
     """The w8a16 QDQ graphs (onnxruntime's QNN tooling) on HTP against the very same graphs on ORT's CPU, 64 steps:
     only a wrong HTP kernel can make them differ by much (the prototype's Sqrt->Reciprocal bug: a constant factor).
@@ -157,6 +159,7 @@ def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
     assert rep["max_abs_logit_diff"] <= 0.5 and rep["top1"] >= 0.95, rep
 
 
+@pytest.mark.slow
 def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(demo_static):
     man = json.loads((demo_static / MANIFEST).read_text())["static"]
     for precision in ("fp32", "w8a16"):
@@ -178,6 +181,7 @@ def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(
     assert float(r.stdout.split("DIFF")[1]) <= 0.05  # one graph, compiled for two HTP generations
 
 
+@pytest.mark.slow
 def test_qnn_bad_input(demo_static, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown Snapdragon SoC 'sm9999' \\(choose from sm8450"):
         export_folder(
@@ -193,6 +197,7 @@ def test_qnn_bad_input(demo_static, monkeypatch, tmp_path):
         StaticSession(demo_static, "fp32", "qnn")
 
 
+@pytest.mark.slow
 def test_phone_files_ort_format_and_tokenizer_graphs(demo_static):
     """The export carries what a phone needs: .ort copies of every static graph, the required-operators config, and
     the tokenizer as onnxruntime-extensions graphs that give the same ids as `tokenizers` on the held-out text."""
@@ -216,6 +221,7 @@ def test_phone_files_ort_format_and_tokenizer_graphs(demo_static):
     assert str(dec.run(None, {"ids": np.asarray(want, np.int64)})[0].ravel()[0]) == tok.decode(want)
 
 
+@pytest.mark.slow
 def test_static_graphs_suit_mobile_providers(demo_static):
     """onnxruntime's own mobile usability checker: NNAPI takes every node of every static graph in one partition,
     CoreML (NeuralNetwork and MLProgram) >= 99% of the float graphs in one partition."""
@@ -270,6 +276,7 @@ def test_android_golden_file_matches_the_python_reference():
         assert c["bias"] == want
 
 
+@pytest.mark.slow
 def test_android_golden_trace_matches_the_demo_model(demo_static):
     """The greedy trace the on-device test expects is what the Python static runtime gives for the demo model."""
     from pathlib import Path
