@@ -83,14 +83,29 @@ def export_onnx(model: MLAForCausalLM, path: str | Path, opset: int = DEFAULT_OP
     """Trace the dynamic graph with torch.onnx.export(dynamo=True) and named dynamic dims. The model must be built
     with ModelOptions(graph_weights=True): the LM head is then untied, so it is MatMul(h, constant W^T), which the
     quantizers reach (tied, int8/int4 would dequantize and transpose the whole embedding every step)."""
+    cfg, cache_dtype = model.cfg, model.options.cache_dtype
+    dynamic_shapes = dynamic_dims(len(CacheContract.from_config(cfg, cache_dtype).entries()))
+    spec = dynamic_graph(CacheContract.from_config(cfg, cache_dtype), cfg.vocab_size)
+    _need_graph_weights(model)
+    return trace(OnnxDecoder(model), example_inputs(cfg, cache_dtype=cache_dtype), spec, path, opset, dynamic_shapes)
+
+
+def dynamic_dims(n_cache: int) -> tuple:
+    """The dynamic graph's named dims: (input_ids, attention_mask, position_ids, cache entries)."""
     from torch.export import Dim
 
-    cfg, cache_dtype = model.cfg, model.options.cache_dtype
     batch, seq, past, total = Dim(BATCH, min=1), Dim(SEQ, min=1), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN, min=1)
-    cache_dims = tuple({0: batch, 1: past} for _ in CacheContract.from_config(cfg, cache_dtype).entries())
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims)
-    spec = dynamic_graph(CacheContract.from_config(cfg, cache_dtype), cfg.vocab_size)
-    return _trace(OnnxDecoder(model), example_inputs(cfg, cache_dtype=cache_dtype), spec, path, opset, dynamic_shapes)
+    return (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple({0: batch, 1: past} for _ in range(n_cache)),
+    )
+
+
+def _need_graph_weights(model: MLAForCausalLM) -> None:
+    if not model.options.graph_weights:
+        raise ValueError("export needs a model built with ModelOptions(graph_weights=True)")
 
 
 class StaticDecoder(nn.Module):
@@ -128,16 +143,15 @@ def export_static(model: MLAForCausalLM, path: str | Path, capacity: int, seq: i
     pos = torch.arange(seq, dtype=torch.int32)[None]
     bias = torch.zeros(1, seq, capacity + seq)
     buffers = [torch.randn(1, capacity, contract.width(k), generator=g) for _, k in contract.entries()]
-    return _trace(StaticDecoder(model, capacity), (ids, pos, bias, *buffers), spec, path, opset, None)
+    _need_graph_weights(model)
+    return trace(StaticDecoder(model, capacity), (ids, pos, bias, *buffers), spec, path, opset, None)
 
 
-def _trace(
-    module: OnnxDecoder | StaticDecoder, inputs: tuple, spec: dict, path: str | Path, opset: int, dynamic_shapes: Any
-) -> Path:
+def trace(module: nn.Module, inputs: tuple, spec: dict, path: str | Path, opset: int, dynamic_shapes: Any) -> Path:
+    """torch.onnx.export(dynamo=True) with the spec's I/O names, external data past 1 GiB, every dim named as the
+    spec says, and onnx's full checker."""
     import onnx
 
-    if not module.model.options.graph_weights:
-        raise ValueError("export needs a model built with ModelOptions(graph_weights=True)")
     path = Path(path)
     in_names, out_names = [v["name"] for v in spec["inputs"]], [v["name"] for v in spec["outputs"]]
     n_bytes = sum(p.numel() * 4 for p in module.parameters())

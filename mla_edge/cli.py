@@ -123,7 +123,13 @@ def cmd_export(a: argparse.Namespace) -> int:
         cache_dtype=a.cache_dtype,
         static_cache=a.static_cache,
         static_chunk=a.static_chunk,
-        static_quantize=tuple(a.static_quantize),
+        static_quantize=tuple(
+            a.static_quantize
+            if a.static_quantize is not None
+            else (("int8", "w8a16") if calib else ("int8",))
+            if a.static_cache
+            else ()
+        ),
         qnn_context=a.qnn_context,
         require_tokenizer=not a.no_tokenizer,
     )
@@ -254,7 +260,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     out_dir = export_dir_or_demo(a.args[0] if len(a.args) == 2 else None)
     prompt = a.args[-1]
     sampling = SamplingOptions(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
-    dynamic = {"opt_level": a.opt_level, "optimized_cache": a.optimized_cache} if a.protocol == "dynamic" else {}
+    static = a.protocol == "static" or (a.protocol == "auto" and a.provider == "qnn")
+    dynamic = {} if static else {"opt_level": a.opt_level, "optimized_cache": a.optimized_cache}
     gen = Generator(
         out_dir,
         a.precision,
@@ -399,8 +406,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
     "nnapi, qnn",
     "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",
-    "protocol": "dynamic (any batch, the cache grows) or static (the device graphs over a fixed buffer, batch 1; "
-    "needs an export made with --static-cache; with --provider qnn it runs wholly on Qualcomm's HTP)",
+    "protocol": "auto (static for --provider qnn, else dynamic), dynamic (any batch, the cache grows) or static "
+    "(the device graphs over a fixed buffer, batch 1; needs an export made with --static-cache)",
     "qnn_context": "compile the static graphs for this Snapdragon SoC (sm8450, sm8475, sm8550, sm8650, sm8750) into "
     "QNN context files, so a phone skips compiling",
     "prefill_chunk": "prefill long prompts in chunks of this many tokens (smaller: less scratch memory)",
@@ -458,9 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--static-quantize",
         nargs="+",
-        default=[],
+        default=None,
         choices=STATIC_PRECISIONS[1:],
-        help="static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for Qualcomm's HTP)",
+        help="static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for Qualcomm's HTP); default: int8, "
+        "plus w8a16 when there is calibration text",
     )
     p.add_argument("--qnn-context", metavar="SOC", help=HELP["qnn_context"])
 
@@ -472,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: int8 when the export has it (dynamic), else fp32",
     )
     p.add_argument("--provider", default="auto", help=HELP["provider"])
-    p.add_argument("--protocol", default="dynamic", choices=["dynamic", "static"], help=HELP["protocol"])
+    p.add_argument("--protocol", default="auto", choices=["auto", "dynamic", "static"], help=HELP["protocol"])
     count(p, "--threads", None, "intra-op threads (default: physical cores)")
     count(p, "--max-new-tokens", 128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -62,7 +62,7 @@ class Generator:
         *,
         iobinding: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
-        protocol: str = "dynamic",
+        protocol: str = "auto",
         **session: Any,
     ):
         """prefill_chunk bounds the attention scratch memory of long prompts: they are prefilled in pieces.
@@ -74,12 +74,14 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()
         self.session: LatentSession | StaticSession
+        if protocol == "auto":  # Qualcomm's NPU takes only the static graphs; everything else the dynamic one
+            protocol = "static" if provider == "qnn" else "dynamic"
         if protocol == "static":
             self.session = StaticSession(export_dir, precision, provider, **session)
         elif protocol == "dynamic":
             self.session = LatentSession(export_dir, precision, provider, **session)
         else:
-            raise PromptError(f"protocol must be dynamic or static, got {protocol!r}")
+            raise PromptError(f"protocol must be auto, dynamic or static, got {protocol!r}")
         self.manifest = self.session.manifest
         self.tokenizer = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():

@@ -91,14 +91,7 @@ class StaticSession:
         precision = precision or "fp32"
         if provider not in ("auto", "cpu", "qnn"):
             raise ManifestError(f"the static protocol runs on provider cpu or qnn, not {provider!r}")
-        session_options = None
-        if provider == "qnn":  # HTP runs fp32 graphs in its fp16 mode; QDQ graphs as they are
-            session_options = qnn_session_options(
-                "htp", {**(QNN_HTP_FP16 if precision == "fp32" else {}), **(qnn_options or {})}
-            )
-        self.manifest = (
-            Manifest(section and {"static": section}, Path(export_dir)) if section else Manifest.read(export_dir)
-        )
+        self.manifest = Manifest({"static": section}, Path(export_dir)) if section else Manifest.read(export_dir)
         st = self.manifest.data.get("static")
         if not st:
             raise ManifestError(f"{self.manifest.folder} has no static protocol: export it with --static-cache N")
@@ -106,6 +99,10 @@ class StaticSession:
             raise ManifestError(
                 f"precision {precision!r} has no static graphs in this export (has: {', '.join(st['files'])})"
             )
+        session_options = None
+        if provider == "qnn":  # HTP runs fp32 graphs in its fp16 mode; QDQ graphs as they are
+            options = {**(QNN_HTP_FP16 if precision == "fp32" else {}), **(qnn_options or {})}
+            session_options = qnn_session_options("htp", options)
         self.precision, self.capacity, self.chunk = precision, st["capacity"], st["chunk"]
         self.max_context, self.provider = self.capacity, provider
         self.mask_value = float(st["mask_value"])

@@ -163,7 +163,8 @@ CLI = [
     ("gen-w8a16", ["generate", "{out}", "hi", "--precision", "w8a16"], "not in this export"),
     ("gen-provider", ["generate", "{out}", "hi", "--provider", "tpu"], "unknown provider"),
     ("gen-coreml", ["generate", "{out}", "hi", "--provider", "coreml"], "not in this onnxruntime build"),
-    ("gen-qnn-dynamic", ["generate", "{out}", "hi", "--provider", "qnn"], "--protocol static"),
+    ("gen-qnn-dynamic", ["generate", "{out}", "hi", "--provider", "qnn", "--protocol", "dynamic"], "--protocol static"),
+    ("gen-qnn-nostatic", ["generate", "{out}", "hi", "--provider", "qnn"], "has no static protocol"),
     ("gen-temp-neg", ["generate", "{out}", "hi", "--temperature", "-1"], "temperature"),
     ("gen-temp-inf", ["generate", "{out}", "hi", "--temperature", "inf"], "temperature"),
     ("gen-temp-nan", ["generate", "{out}", "hi", "--temperature", "nan"], "temperature"),
@@ -394,3 +395,47 @@ def test_force_replaces_only_an_earlier_export_and_leaves_no_temp_folders(world,
     (tmp_path / f".{out.name}.tmp-999999").mkdir()  # what a killed export leaves behind (its pid is gone)
     export_folder(world["hf"], out, ExportOptions(quantize=(), progress=False, ort_format=False, force=True))
     assert (out / MANIFEST).is_file() and not list(tmp_path.glob(".again.*"))
+
+
+def test_base_install_without_torch_says_which_extra(world):
+    """export, parity and demo on the base install (no torch): one line naming the extra to install."""
+    import subprocess
+    import sys
+
+    for argv in (
+        ["export", str(world["hf"]), "-o", str(world["root"] / "nt")],
+        ["parity", str(world["out"])],
+        ["demo"],
+    ):
+        code = (
+            "import sys\nfor m in ('torch', 'onnx', 'onnxscript', 'safetensors'):\n    sys.modules[m] = None\n"
+            f"from mla_edge.cli import main\nsys.exit(main({argv!r}))\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().count("\n") == 0 and "pip install 'mla-edge[export]'" in r.stderr, r.stderr
+    assert not (world["root"] / "nt").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "interrupted"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mla_edge.cli", "export", str(world["hf"]), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".interrupted.tmp-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)  # wait until the export has started writing
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "mla-edge export: interrupted", err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".interrupted*"))

@@ -43,9 +43,9 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(C, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(H * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, allowed, past):
-        if allowed is not None or past[0].shape[1]:
-            raise NotImplementedError("the MHA/GQA twins are for full-sequence training and evaluation only")
+    def forward(self, x, cos, sin, allowed, past, bias=None):
+        """Training (allowed None, no past): fused causal attention. Otherwise the per-head K/V cache: past is
+        (k, v), each (B, P, G*D) with RoPE applied, and the present (B, T, G*D) pair comes back."""
         B, S, _ = x.shape
         H, G, D, Dr = self.cfg.num_attention_heads, self.kv_heads, self.head_dim, self.cfg.qk_rope_head_dim
         q = self.q_proj(x).view(B, S, H, D).transpose(1, 2)  # (B,H,S,D)
@@ -53,10 +53,22 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(B, S, G, D).transpose(1, 2)
         q = torch.cat([apply_rope(q[..., :Dr], cos[:, None], sin[:, None], False), q[..., Dr:]], -1)
         k = torch.cat([apply_rope(k[..., :Dr], cos[:, None], sin[:, None], False), k[..., Dr:]], -1)
-        if G != H:
-            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), past
+        if allowed is None:  # plain causal over the new tokens (training): the cache is not kept
+            ks, vs = self._heads(k, v)
+            out = F.scaled_dot_product_attention(q, ks, vs, is_causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), past
+        k = torch.cat([past[0].view(B, -1, G, D).transpose(1, 2), k], dim=2)  # (B,G,T,D)
+        v = torch.cat([past[1].view(B, -1, G, D).transpose(1, 2), v], dim=2)
+        present = (k.transpose(1, 2).reshape(B, -1, G * D), v.transpose(1, 2).reshape(B, -1, G * D))
+        ks, vs = self._heads(k, v)
+        scores = (q @ ks.transpose(-1, -2)) * D**-0.5  # (B,H,S,T)
+        scores = torch.where(allowed[:, None], scores, torch.finfo(torch.float32).min)
+        out = scores.softmax(-1) @ vs  # (B,H,S,D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), present
+
+    def _heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H, G = self.cfg.num_attention_heads, self.kv_heads
+        return (k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)) if G != H else (k, v)
 
 
 def kv_heads_for(cfg: MLAConfig, arch: str) -> int:
@@ -67,6 +79,78 @@ def twin(cfg: MLAConfig, arch: str) -> MLAForCausalLM:
     """The decoder with MHA or GQA attention blocks in place of MLA (built so, not patched afterwards)."""
     heads = kv_heads_for(cfg, arch)
     return MLAForCausalLM(cfg, ModelOptions(attention="naive"), attention_block=lambda i: GQAttention(cfg, heads))
+
+
+def export_twin(model: MLAForCausalLM, arch: str, out_dir: Path, tokenizer: Path | None = None) -> Path:
+    """An export folder of a twin with its per-head K/V cache (past.{i}.k / past.{i}.v, each [batch, past_len,
+    kv_heads x head_dim]) as graph inputs and outputs, fp32 and int8, that mla-edge's runtime runs like any export:
+    the cache, not the compute, is what differs from the MLA model."""
+    from mla_edge.contract import (
+        ATTENTION_MASK,
+        BATCH,
+        FORMAT,
+        FORMAT_VERSION,
+        INPUT_IDS,
+        LOGITS,
+        MANIFEST,
+        MODEL_FILE,
+        PAST,
+        PAST_LEN,
+        POSITION_IDS,
+        PRESENT,
+        SEQ,
+        TOTAL_LEN,
+        io_specs,
+    )
+    from mla_edge.export.onnx_graph import OnnxDecoder, dynamic_dims, model_files, trace
+    from mla_edge.export.quantize import quantize_int8
+    from mla_edge.runtime.manifest import file_entry
+
+    cfg = model.cfg
+    L, width = cfg.num_hidden_layers, kv_heads_for(cfg, arch) * (cfg.hidden_size // cfg.num_attention_heads)
+    names = [(i, kind) for i in range(L) for kind in ("k", "v")]
+    ids: list = [BATCH, SEQ]
+    spec = {
+        "inputs": io_specs(
+            [(INPUT_IDS, ids, "int64"), (ATTENTION_MASK, [BATCH, TOTAL_LEN], "int64"), (POSITION_IDS, ids, "int64")]
+            + [(PAST.format(layer=i, kind=k), [BATCH, PAST_LEN, width], "float32") for i, k in names]
+        ),
+        "outputs": io_specs(
+            [(LOGITS, [BATCH, SEQ, cfg.vocab_size], "float32")]
+            + [(PRESENT.format(layer=i, kind=k), [BATCH, TOTAL_LEN, width], "float32") for i, k in names]
+        ),
+    }
+    g = torch.Generator().manual_seed(0)
+    example = (
+        torch.randint(0, cfg.vocab_size, (2, 3), generator=g),
+        torch.ones(2, 7, dtype=torch.long),
+        (torch.arange(3) + 4)[None].expand(2, 3).contiguous(),
+        *[torch.randn(2, 4, width, generator=g) for _ in names],
+    )
+    out_dir.mkdir(parents=True)
+    fp32 = trace(OnnxDecoder(model.eval()), example, spec, out_dir / MODEL_FILE["fp32"], 21, dynamic_dims(len(names)))
+    quantize_int8(fp32, out_dir / MODEL_FILE["int8"])
+    if tokenizer:
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": "mla_edge.models.recipes.twins",
+        "model": cfg.to_dict(),
+        "max_context": cfg.max_position_embeddings,
+        "cache": {
+            "format": f"{arch}-per-head-kv",
+            "dtype": "fp32",
+            "num_layers": L,
+            "bytes_per_token": L * 2 * width * 4,
+        },
+        "graph": {"attention": arch, "opset": 21, **spec},
+        "tokens": {"bos": cfg.bos_token_id, "eos": list(cfg.eos_token_id), "pad": cfg.pad_token_id},
+        "tokenizer": "tokenizer.json" if tokenizer else None,
+        "files": {p: file_entry(out_dir, p, model_files(out_dir / MODEL_FILE[p])) for p in ("fp32", "int8")},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
 
 
 def cache_elements(cfg: MLAConfig, arch: str) -> int:
