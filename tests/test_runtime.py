@@ -148,7 +148,7 @@ def test_unknown_and_missing_providers(text_export):
         with pytest.raises(
             ProviderError, match="'qnn' .*not in this onnxruntime build; available: .*CPUExecutionProvider"
         ):
-            Generator(text_export[1], provider="qnn")
+            Generator(text_export[1], provider="qnn", protocol="dynamic")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto on a laptop is the CPU, quietly: it is the API's and the CLI's default
         assert Generator(text_export[1], provider="auto").session.providers == ["CPUExecutionProvider"]

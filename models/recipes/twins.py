@@ -135,7 +135,7 @@ def export_twin(model: MLAForCausalLM, arch: str, out_dir: Path, tokenizer: Path
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "created_by": "mla_edge.models.recipes.twins",
+        "created_by": "the twins recipe (models/recipes/twins.py)",
         "model": cfg.to_dict(),
         "max_context": cfg.max_position_embeddings,
         "cache": {
