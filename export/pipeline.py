@@ -107,6 +107,12 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             raise ExportError(f"--static-chunk must be between 1 and --static-cache - 1, got {opts.static_chunk}")
         if opts.cache_dtype != "fp32":
             raise ExportError("the static protocol keeps an fp32 cache: drop --cache-dtype int8 or --static-cache")
+        rs = cfg.rope_scaling
+        if rs is not None and rs.rope_type == "longrope" and opts.static_cache > rs.original_max_position_embeddings:
+            raise ExportError(
+                f"--static-cache {opts.static_cache} passes this model's LongRoPE switch at "
+                f"{rs.original_max_position_embeddings} tokens, which the static RoPE table cannot follow"
+            )
         for p in opts.static_quantize:
             if p not in STATIC_PRECISIONS[1:]:
                 raise ExportError(f"unknown --static-quantize {p!r} (choose from {', '.join(STATIC_PRECISIONS[1:])})")

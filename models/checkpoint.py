@@ -18,7 +18,6 @@ from mla_edge.contract import InputError
 
 from .config import MLAConfig
 from .mla import MLAForCausalLM, ModelOptions
-from .rope import inv_freq_and_factor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -192,7 +191,7 @@ def load_model(
         model = MLAForCausalLM(cfg, options)
     model.to_empty(device="cpu")
     model = model.to(dtype)
-    model.inv_freq = inv_freq_and_factor(cfg)[0]  # not in checkpoints; to_empty left it uninitialised
+    model.init_rope()  # not in checkpoints; to_empty left the buffers uninitialised
     if cfg.tie_word_embeddings and not options.graph_weights:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.load_state_dict(state, strict=False)

@@ -23,7 +23,7 @@ class ConfigError(InputError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension (the only scaling DeepSeek and our exports use)."""
+    """RoPE context extension: YaRN (DeepSeek-V2/V3) or LongRoPE (MiniCPM3), with Hugging Face's field names."""
 
     rope_type: str = "yarn"
     factor: float = 1.0
@@ -34,6 +34,8 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors up to the original context
+    long_factor: tuple[float, ...] | None = None  # longrope: past it
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -131,7 +133,20 @@ class MLAConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {**dataclasses.asdict(self.rope_scaling), "rope_theta": self.rope_theta}
-            rope = {k: v for k, v in rope.items() if v is not None}
+            if self.rope_scaling.rope_type == "longrope":  # only LongRoPE's own fields
+                rope = {
+                    k: rope[k]
+                    for k in (
+                        "rope_type",
+                        "rope_theta",
+                        "factor",
+                        "original_max_position_embeddings",
+                        "attention_factor",
+                        "short_factor",
+                        "long_factor",
+                    )
+                }
+            rope = {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items() if v is not None}
         d["rope_parameters"] = rope
         if self.model_type != "minicpm3":
             for k in ("scale_emb", "scale_depth", "dim_model_base"):
@@ -171,14 +186,16 @@ def _rope(d: dict) -> tuple[float, RopeScaling | None]:
     rtype = merged.get("rope_type", merged.get("type", "default"))
     if rtype in (None, "default"):
         return float(theta), None
-    if rtype != "yarn":
-        raise ConfigError(f"rope_scaling type {rtype!r} is not supported (supported: default, yarn)")
-    orig = merged.get("original_max_position_embeddings")
+    if rtype not in ("yarn", "longrope"):
+        raise ConfigError(f"rope_scaling type {rtype!r} is not supported (supported: default, yarn, longrope)")
+    orig = merged.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
     if orig is None:
-        raise ConfigError("rope_scaling (yarn) needs original_max_position_embeddings")
+        raise ConfigError(f"rope_scaling ({rtype}) needs original_max_position_embeddings")
     factor = merged.get("factor")
     if factor is None:
         factor = d.get("max_position_embeddings", orig) / orig
+    if rtype == "longrope":
+        return float(theta), _longrope(merged, d, int(orig), float(factor))
     rs = RopeScaling(
         rope_type="yarn",
         factor=float(factor),
@@ -191,6 +208,32 @@ def _rope(d: dict) -> tuple[float, RopeScaling | None]:
         truncate=bool(merged.get("truncate", True)),
     )
     return float(theta), rs
+
+
+def _longrope(merged: dict, d: dict, orig: int, factor: float) -> RopeScaling:
+    """LongRoPE as transformers computes it: inverse frequencies divided by short_factor up to the original context
+    and by long_factor past it, and cos/sin scaled by sqrt(1 + ln(factor) / ln(original)) when factor > 1."""
+    half = d["qk_rope_head_dim"] // 2
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        f = merged.get(key)
+        if not isinstance(f, list) or len(f) != half or not all(isinstance(x, (int, float)) and x > 0 for x in f):
+            raise ConfigError(
+                f"rope_scaling (longrope) field {key!r} must list {half} positive numbers "
+                f"(qk_rope_head_dim / 2), got {f!r}"
+            )
+        factors[key] = tuple(float(x) for x in f)
+    attention = merged.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+    return RopeScaling(
+        rope_type="longrope",
+        factor=factor,
+        original_max_position_embeddings=orig,
+        attention_factor=float(attention),
+        short_factor=factors["short_factor"],
+        long_factor=factors["long_factor"],
+    )
 
 
 def _check_dense(d: dict) -> None:

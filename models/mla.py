@@ -256,6 +256,7 @@ class MLAForCausalLM(nn.Module):
     the research recipes pass their own."""
 
     inv_freq: torch.Tensor
+    long_inv_freq: torch.Tensor  # LongRoPE only
 
     def __init__(
         self,
@@ -269,10 +270,17 @@ class MLAForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings and not options.graph_weights:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq, self.rope_factor = inv_freq_and_factor(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.longrope = cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "longrope"
+        self.init_rope()
         if options.graph_weights:
             self.register_load_state_dict_post_hook(MLAForCausalLM._derive_graph_weights)
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE buffers, which checkpoints do not hold (a model built on the meta device needs this)."""
+        inv_freq, self.rope_factor = inv_freq_and_factor(self.cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if self.longrope:
+            self.register_buffer("long_inv_freq", inv_freq_and_factor(self.cfg, long=True)[0], persistent=False)
 
     @staticmethod
     @torch.no_grad()
@@ -301,7 +309,11 @@ class MLAForCausalLM(nn.Module):
             attention_mask = torch.ones(B, P + S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = (torch.arange(S, device=input_ids.device) + P)[None].expand(B, S)
-        cos, sin = cos_sin(self.inv_freq, self.rope_factor, position_ids)
+        inv_freq = self.inv_freq
+        if self.longrope:  # as transformers does: the long factors once this call reaches past the original context
+            past_original = position_ids.max() + 1 > self.cfg.rope_scaling.original_max_position_embeddings  # type: ignore[union-attr]
+            inv_freq = torch.where(past_original, self.long_inv_freq, self.inv_freq)
+        cos, sin = cos_sin(inv_freq, self.rope_factor, position_ids)
         # None = plain causal over S new tokens with no past and no padding (lets training use fused SDPA)
         allowed = None if plain else attention_allowed(attention_mask, S)
         return self._decode_layers(input_ids, cos, sin, allowed, cache)

@@ -1,4 +1,4 @@
-"""Decoupled RoPE for MLA's rope dims: plain or YaRN frequencies, interleaved-pair or half rotation."""
+"""Decoupled RoPE for MLA's rope dims: plain, YaRN or LongRoPE frequencies, interleaved-pair or half rotation."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ import torch
 from .config import MLAConfig, yarn_mscale
 
 
-def inv_freq_and_factor(cfg: MLAConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin multiplier (YaRN's attention factor)."""
+def inv_freq_and_factor(cfg: MLAConfig, long: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin multiplier (the attention factor). For LongRoPE,
+    `long` gives the set used once a sequence passes original_max_position_embeddings."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
     extrapolated = 1.0 / (base**exponents)
     rs = cfg.rope_scaling
     if rs is None:
         return extrapolated, 1.0
+    if rs.rope_type == "longrope":
+        factors = torch.tensor(rs.long_factor if long else rs.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * base**exponents), float(rs.attention_factor or 1.0)
 
     interpolated = extrapolated / rs.factor
 

@@ -136,7 +136,18 @@ def test_missing_shard_is_named(tmp_path):
         (lambda d: d.update(hidden_act="gelu"), r"'hidden_act'"),
         (
             lambda d: d.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
-            r"'longrope' is not supported",
+            r"longrope\) needs original_max_position_embeddings",
+        ),
+        (
+            lambda d: d.update(
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "original_max_position_embeddings": 16,
+                    "long_factor": [1, 2],
+                }
+            ),
+            r"longrope\) field 'short_factor' must list 4 positive numbers",
         ),
         (lambda d: d.update(qk_rope_head_dim=7), r"'qk_rope_head_dim' must be even"),
     ],
