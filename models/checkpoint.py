@@ -66,16 +66,38 @@ def tensor_table(cfg: MLAConfig) -> dict[str, tuple[tuple[int, ...], str]]:
             t[a + "kv_a_proj_with_mqa.bias"] = ((R + Dr,), "attention_bias, kv_lora_rank, qk_rope_head_dim")
             t[a + "o_proj.bias"] = ((C,), "attention_bias, hidden_size")
         m = p + "mlp."
-        t[m + "gate_proj.weight"] = ((I, C), "intermediate_size, hidden_size")
-        t[m + "up_proj.weight"] = ((I, C), "intermediate_size, hidden_size")
-        t[m + "down_proj.weight"] = ((C, I), "hidden_size, intermediate_size")
+        if not cfg.moe_layer(i):
+            t.update(_mlp_tensors(m, I, C, "intermediate_size"))
+            continue
+        E, M = cfg.n_routed_experts, cfg.moe_intermediate_size
+        t[m + "gate.weight"] = ((E, C), "n_routed_experts, hidden_size")
+        if cfg.topk_method == "noaux_tc":
+            t[m + "gate.e_score_correction_bias"] = ((E,), "n_routed_experts, topk_method=noaux_tc")
+        for j in range(E):
+            t.update(_mlp_tensors(f"{m}experts.{j}.", M, C, "moe_intermediate_size"))
+        if cfg.n_shared_experts:
+            t.update(
+                _mlp_tensors(
+                    m + "shared_experts.", M * cfg.n_shared_experts, C, "moe_intermediate_size x n_shared_experts"
+                )
+            )
     return t
+
+
+def _mlp_tensors(prefix: str, inter: int, C: int, field: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {
+        prefix + "gate_proj.weight": ((inter, C), f"{field}, hidden_size"),
+        prefix + "up_proj.weight": ((inter, C), f"{field}, hidden_size"),
+        prefix + "down_proj.weight": ((C, inter), f"hidden_size, {field}"),
+    }
 
 
 def _ignorable(name: str, cfg: MLAConfig) -> bool:
     """Tensors a real checkpoint may carry that the dense decoder does not use."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
+    if ".mlp.shared_experts." in name and cfg.is_moe and not cfg.n_shared_experts:
+        return True  # transformers writes empty shared experts when n_shared_experts is 0
     if name.startswith("model.layers.") and cfg.extra.get("num_nextn_predict_layers"):
         idx = name.split(".")[2]
         return idx.isdigit() and int(idx) >= cfg.num_hidden_layers  # DeepSeek-V3 multi-token-prediction layers

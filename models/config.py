@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mla_edge.contract import InputError
 
@@ -73,9 +74,30 @@ class MLAConfig:
     scale_emb: float = 1.0
     scale_depth: float | None = None
     dim_model_base: int | None = None
+    # Mixture of experts (DeepSeek-V2/V3): layers from first_k_dense_replace on route each token to
+    # num_experts_per_tok of n_routed_experts, plus n_shared_experts always on. 0 experts = a dense model.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    topk_method: str = "greedy"  # V2: greedy | group_limited_greedy; V3: noaux_tc
+    scoring_func: str = "softmax"  # V2: softmax; V3: sigmoid
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether this layer's MLP is a mixture of experts (as transformers builds DeepSeek-V2/V3)."""
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -151,8 +173,10 @@ class MLAConfig:
         if self.model_type != "minicpm3":
             for k in ("scale_emb", "scale_depth", "dim_model_base"):
                 d.pop(k)
-        # dense-only: tell HF-style loaders that no layer is MoE
-        d["first_k_dense_replace"] = self.num_hidden_layers
+        if not self.is_moe:  # dense: tell HF-style loaders that no layer is MoE, and write no MoE fields
+            for k in MOE_FIELDS:
+                d.pop(k)
+            d["first_k_dense_replace"] = self.num_hidden_layers
         d["architectures"] = [_ARCH[self.model_type]]
         return {**self.extra, **d}
 
@@ -236,16 +260,79 @@ def _longrope(merged: dict, d: dict, orig: int, factor: float) -> RopeScaling:
     )
 
 
-def _check_dense(d: dict) -> None:
-    n_layers = d["num_hidden_layers"]
-    routed = d.get("n_routed_experts")
-    first_dense = d.get("first_k_dense_replace", 0 if d.get("model_type") == "deepseek_v2" else 3)
-    if routed and first_dense < n_layers:
+MOE_FIELDS = (
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "moe_intermediate_size",
+    "first_k_dense_replace",
+    "topk_method",
+    "scoring_func",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+)
+# transformers' defaults per model type, for fields a config.json leaves out
+_MOE_DEFAULTS = {
+    "deepseek_v2": {
+        "first_k_dense_replace": 0,
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+    },
+    "deepseek_v3": {
+        "first_k_dense_replace": 3,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+    },
+}
+_TOPK = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+
+
+def _moe(d: dict) -> dict:
+    """The MoE fields of a config (all zero for a dense model), checked: an error names the field."""
+    routed = d.get("n_routed_experts") or 0
+    defaults = _MOE_DEFAULTS.get(d["model_type"], {})
+    first = d.get("first_k_dense_replace", defaults.get("first_k_dense_replace", 0))
+    if not routed or d["model_type"] == "minicpm3" or first >= d["num_hidden_layers"]:
+        return {}
+    out: dict[str, Any] = {k: d.get(k) if d.get(k) is not None else defaults.get(k) for k in MOE_FIELDS}
+    out.update(
+        n_routed_experts=routed,
+        first_k_dense_replace=first,
+        n_shared_experts=d.get("n_shared_experts") or 0,
+        n_group=d.get("n_group") or 1,
+        topk_group=d.get("topk_group") or 1,
+    )
+    if out["scoring_func"] not in _TOPK:
+        raise ConfigError(f"config field 'scoring_func' is {out['scoring_func']!r}; supported: softmax, sigmoid")
+    if out["topk_method"] not in _TOPK[out["scoring_func"]]:
         raise ConfigError(
-            f"MoE configs are not supported yet: first_k_dense_replace={first_dense} < num_hidden_layers={n_layers} "
-            f"with n_routed_experts={routed} puts routed experts on layers {first_dense}..{n_layers - 1}. "
-            "Set first_k_dense_replace >= num_hidden_layers (or n_routed_experts to 0) for a dense model."
+            f"config field 'topk_method' is {out['topk_method']!r}; with scoring_func "
+            f"{out['scoring_func']!r} supported: {', '.join(_TOPK[out['scoring_func']])}"
         )
+    for k in ("num_experts_per_tok", "moe_intermediate_size"):
+        if not isinstance(out[k], int) or out[k] <= 0:
+            raise ConfigError(f"config field {k!r} must be a positive integer for a MoE model, got {out[k]!r}")
+    if routed % out["n_group"] or not 0 < out["topk_group"] <= out["n_group"]:
+        raise ConfigError(
+            f"config fields n_group={out['n_group']} / topk_group={out['topk_group']} do not divide "
+            f"n_routed_experts={routed} into groups"
+        )
+    if out["num_experts_per_tok"] > routed * out["topk_group"] // out["n_group"]:
+        raise ConfigError(
+            f"config field 'num_experts_per_tok'={out['num_experts_per_tok']} is more than the experts "
+            "the chosen groups hold"
+        )
+    out["norm_topk_prob"], out["routed_scaling_factor"] = (
+        bool(out["norm_topk_prob"]),
+        float(out["routed_scaling_factor"]),
+    )
+    return out
 
 
 def _from_hf(d: dict) -> MLAConfig:
@@ -259,7 +346,7 @@ def _from_hf(d: dict) -> MLAConfig:
             raise ConfigError(f"config field {k!r} is missing")
         if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] <= 0:
             raise ConfigError(f"config field {k!r} must be a positive integer, got {d[k]!r}")
-    _check_dense(d)
+    moe = _moe(d)
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
     theta, rs = _rope(d)
@@ -302,6 +389,9 @@ def _from_hf(d: dict) -> MLAConfig:
         scale_emb=float(d.get("scale_emb", 12) or 1.0) if minicpm else 1.0,
         scale_depth=(d.get("scale_depth", 1.4) if minicpm else None),
         dim_model_base=(d.get("dim_model_base", 256) if minicpm else None),
-        extra={k: v for k, v in d.items() if k not in known and k not in ("rope_parameters", "rope_scaling")},
+        **moe,
+        extra={
+            k: v for k, v in d.items() if k not in known and k not in ("rope_parameters", "rope_scaling", *MOE_FIELDS)
+        },
     )
     return cfg

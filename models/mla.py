@@ -111,14 +111,81 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: MLAConfig):
+    def __init__(self, cfg: MLAConfig, intermediate: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """DeepSeek's top-k router, as transformers computes it. V2 (softmax): greedy, or group_limited_greedy (the
+    topk_group groups with the highest single score). V3 (sigmoid, noaux_tc): experts are chosen on score +
+    e_score_correction_bias within the topk_group groups whose two best biased scores sum highest, weighted by the
+    unbiased scores (normalized with norm_topk_prob). Weights are then scaled by routed_scaling_factor."""
+
+    def __init__(self, cfg: MLAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C) -> routing weights (N, E), zero but for each token's chosen experts, and the choice (N, K)."""
+        cfg = self.cfg
+        E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        if cfg.scoring_func == "softmax":
+            scores = choice = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy":  # keep the topk_group best groups of E / G experts
+            grouped = choice.view(-1, G, E // G)
+            best = (
+                grouped.max(-1).values if cfg.topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+            )
+            keep = torch.zeros_like(best).scatter(1, best.topk(cfg.topk_group, dim=-1)[1], 1.0)  # (N, G)
+            keep = keep[:, :, None].expand(-1, G, E // G).reshape(-1, E).bool()
+            choice = choice.masked_fill(~keep, 0.0 if cfg.scoring_func == "softmax" else float("-inf"))
+        chosen = choice.topk(K, dim=-1)[1]  # (N, K)
+        weights = scores.gather(1, chosen)
+        if cfg.scoring_func == "sigmoid" and cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        return torch.zeros_like(scores).scatter(1, chosen, weights), chosen
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts. Every expert runs on every token and the router's dense
+    weights (zero for unchosen experts) mix them: exact, and plain MatMuls in ONNX; a gather of the chosen experts
+    (or onnxruntime's MoE op) is the faster form for large models, not built yet."""
+
+    def __init__(self, cfg: MLAConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        mix, _ = self.gate(flat)  # (N, E)
+        experts = [e for e in self.experts if isinstance(e, MLP)]
+        gate = torch.stack([e.gate_proj.weight for e in experts])  # (E, I, C)
+        up = torch.stack([e.up_proj.weight for e in experts])
+        down = torch.stack([e.down_proj.weight for e in experts])  # (E, C, I)
+        h = F.silu(torch.einsum("nc,eic->nei", flat, gate)) * torch.einsum("nc,eic->nei", flat, up)  # (N, E, I)
+        out = torch.einsum("nei,eci,ne->nc", h, down, mix.to(h.dtype))
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)
 
 
 class MLAttention(nn.Module):
@@ -225,12 +292,12 @@ class MLAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MLAConfig, attention: nn.Module, options: ModelOptions):
+    def __init__(self, cfg: MLAConfig, layer: int, attention: nn.Module, options: ModelOptions):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
         self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MoE(cfg) if cfg.moe_layer(layer) else MLP(cfg)
         self.residual_scale = cfg.residual_scale
 
     def forward(self, h, cos, sin, allowed, past, bias=None):
@@ -244,7 +311,7 @@ class MLABody(nn.Module):
     def __init__(self, cfg: MLAConfig, attention: Callable[[int], nn.Module], options: ModelOptions):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        layers = (DecoderLayer(cfg, attention(i), options) for i in range(cfg.num_hidden_layers))
+        layers = (DecoderLayer(cfg, i, attention(i), options) for i in range(cfg.num_hidden_layers))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
 

@@ -130,8 +130,8 @@ def test_missing_shard_is_named(tmp_path):
         (lambda d: d.update(hidden_size=-3), r"'hidden_size' must be a positive integer"),
         (lambda d: d.update(model_type="llama"), r"model_type 'llama' is not an MLA model"),
         (
-            lambda d: d.update(first_k_dense_replace=1, n_routed_experts=8),
-            r"first_k_dense_replace=1 .*n_routed_experts=8",
+            lambda d: d.update(first_k_dense_replace=1, n_routed_experts=8, topk_method="sparse", n_group=1),
+            r"'topk_method' is 'sparse'",
         ),
         (lambda d: d.update(hidden_act="gelu"), r"'hidden_act'"),
         (

@@ -146,12 +146,21 @@ def test_missing_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_moe_config_refused(tmp_path):
+def test_moe_config_over_dense_weights_is_refused(tmp_path):
+    from mla_edge.models.checkpoint import CheckpointError
+
     save_hf(hf_model(), tmp_path / "m")
     d = json.loads((tmp_path / "m" / "config.json").read_text())
-    d.update(first_k_dense_replace=1, n_routed_experts=4)
+    d.update(
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+    )
     (tmp_path / "m" / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match="first_k_dense_replace=1"):
+    with pytest.raises(CheckpointError, match=r"missing tensors .*layers\.1\.mlp\.gate\.weight"):
         export_folder(tmp_path / "m", tmp_path / "out", ExportOptions(require_tokenizer=False, progress=False))
     assert not (tmp_path / "out").exists()
 
