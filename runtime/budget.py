@@ -44,8 +44,11 @@ def param_count(cfg: MLAConfig) -> int:
     C, H, V, I = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.intermediate_size
     R, Dr, Dn, Dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
     q = C * H * (Dn + Dr) if not cfg.q_lora_rank else C * cfg.q_lora_rank + cfg.q_lora_rank * (1 + H * (Dn + Dr))
-    layer = 2 * C + q + C * (R + Dr) + R + R * H * (Dn + Dv) + H * Dv * C + 3 * C * I
-    return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + C
+    attention = 2 * C + q + C * (R + Dr) + R + R * H * (Dn + Dv) + H * Dv * C
+    E, M = cfg.n_routed_experts, cfg.moe_intermediate_size
+    moe = E * C + (E if cfg.topk_method == "noaux_tc" else 0) + 3 * C * M * (E + cfg.n_shared_experts)
+    mlps = sum(moe if cfg.moe_layer(i) else 3 * C * I for i in range(cfg.num_hidden_layers))
+    return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * attention + mlps + C
 
 
 def graph_weight_count(cfg: MLAConfig) -> int:

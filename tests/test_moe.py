@@ -97,6 +97,7 @@ def test_moe_config_that_contradicts_its_tensors_is_named(tmp_path):
         load_model(tmp_path / "m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["v2-group-limited", "v3-noaux-tc-shared"])
 def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
     """The exported graph (routing included) equals PyTorch over a prefill and 32 decode steps; int8 and int4 run
@@ -120,3 +121,34 @@ def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
         q = teacher_forced(model, LatentSession(tmp_path / "out", precision, "cpu"), rows, [11], 32)
         print(f"{case} {precision}: max|dlogit| {q['max_abs_logit_diff']:.3f}, top-1 {q['top1_agreement']:.2f}")
         assert np.isfinite(q["max_abs_logit_diff"])
+
+
+def test_budget_counts_the_experts(tmp_path):
+    from mla_edge.runtime.budget import param_count
+
+    for case in ("v2-greedy-shared", "v3-noaux-tc-no-shared"):
+        kind, extra = CASES[case]
+        save_hf(moe_model(kind, extra), tmp_path / case)
+        model = load_model(tmp_path / case)
+        assert param_count(model.cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_moe_static_export_gives_the_dynamic_tokens(tmp_path):
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    from mla_edge.runtime.generate import Generator
+
+    kind, extra = CASES["v3-noaux-tc-shared"]
+    save_hf(moe_model(kind, extra), tmp_path / "m")
+    opts = ExportOptions(
+        quantize=(), progress=False, require_tokenizer=False, ort_format=False, static_cache=120, static_chunk=8
+    )
+    export_folder(tmp_path / "m", tmp_path / "out", opts)
+    prompt = np.random.default_rng(1).integers(3, 97, 19).tolist()
+    want, got = (
+        Generator(tmp_path / "out", "fp32", "cpu", protocol=p)
+        .generate_ids([prompt], max_new_tokens=64, eos=False)[0]
+        .token_ids
+        for p in ("dynamic", "static")
+    )
+    assert got == want and len(want) == 64

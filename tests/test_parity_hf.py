@@ -93,6 +93,7 @@ def test_minicpm3_longrope_matches_transformers(tmp_path, spelling, seq):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_longrope_export_matches_pytorch_on_both_sides_of_the_switch(tmp_path):
     """The dynamic graph picks the short or long factors from the positions it is fed, as PyTorch does."""
     import numpy as np
