@@ -35,6 +35,7 @@ from mla_edge.contract import (
     static_graph,
 )
 from mla_edge.models.config import MLAConfig
+from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTemplate, eos_ids
 from mla_edge.runtime.manifest import file_entry, ort_target
 
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
@@ -148,6 +149,13 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # the tokenizers library raises its own exception type
             raise ExportError(f"{tokenizer} is not a readable tokenizer: {e}") from None
+        if (model_dir / TOKENIZER_CONFIG).is_file():  # a broken chat template fails here, not in a user's chat
+            try:
+                ChatTemplate.from_folder(model_dir)
+            except InputError as e:
+                if "no chat_template" not in str(e):
+                    raise ExportError(str(e)) from None
+        eos_ids(model_dir)
     elif opts.require_tokenizer:
         raise ExportError(
             f"{model_dir} has no tokenizer.json, so the export could not read or write text; add it, "
@@ -316,6 +324,10 @@ def _build(
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        chat_files = [n for n in (TOKENIZER_CONFIG, GENERATION_CONFIG) if (model_dir / n).is_file()]
+        for name in chat_files:  # the chat template, special tokens and end-of-turn ids travel with the export
+            shutil.copyfile(model_dir / name, tmp / name)
+        eos = list(dict.fromkeys([*cfg.eos_token_id, *eos_ids(model_dir)]))
         files = {p: file_entry(tmp, p, model_files(tmp / MODEL_FILE[p])) for p in ("fp32", *wanted)}
         for p in files:
             if ort_ok.get(p):
@@ -331,8 +343,9 @@ def _build(
             "max_context": cfg.max_position_embeddings,
             "cache": contract.to_manifest(),
             "graph": {"attention": "absorbed", "opset": opts.opset, **dynamic_graph(contract, cfg.vocab_size)},
-            "tokens": {"bos": cfg.bos_token_id, "eos": list(cfg.eos_token_id), "pad": cfg.pad_token_id},
+            "tokens": {"bos": cfg.bos_token_id, "eos": eos, "pad": cfg.pad_token_id},
             "tokenizer": "tokenizer.json" if tokenizer.is_file() else None,
+            "chat": {"template": TOKENIZER_CONFIG, "files": chat_files} if TOKENIZER_CONFIG in chat_files else None,
             "files": files,
             "export_seconds": timings,
         }

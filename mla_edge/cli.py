@@ -247,38 +247,63 @@ def _limited_generate(a: argparse.Namespace, argv: list[str]) -> int:
     return proc.returncode
 
 
+def _generator(a: argparse.Namespace, out_dir: Path):  # -> Generator (imported lazily: no torch, no onnxruntime yet)
+    from mla_edge.runtime.generate import Generator
+
+    static = a.protocol == "static" or (a.protocol == "auto" and a.provider == "qnn")
+    dynamic = (
+        {}
+        if static
+        else {"opt_level": getattr(a, "opt_level", "all"), "optimized_cache": getattr(a, "optimized_cache", None)}
+    )
+    return Generator(
+        out_dir,
+        a.precision,
+        a.provider,
+        threads=a.threads,
+        iobinding=not getattr(a, "no_iobinding", False),
+        prefill_chunk=getattr(a, "prefill_chunk", 64),
+        protocol=a.protocol,
+        **dynamic,
+    )
+
+
+def _generation_options(a: argparse.Namespace) -> dict:
+    from mla_edge.runtime.sampling import SamplingOptions
+
+    sampling = SamplingOptions(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    return {"sampling": sampling, "max_new_tokens": a.max_new_tokens, "stop": tuple(getattr(a, "stop", ()))}
+
+
+def _stats_line(r) -> str:  # r: GenerationResult
+    s = r.stats
+    return (
+        f"[{r.finish_reason}] {s['precision']} | prompt {s['prompt_tokens']} tok | "
+        f"prefill {s['prefill_tok_s']:,.0f} tok/s | decode {s['decode_tok_s']:,.1f} tok/s | "
+        f"latent cache {s['cache_bytes'] / 1024:,.1f} KiB for {s['cache_tokens']} tokens "
+        f"(MHA would hold {s['mha_cache_bytes'] / 1024:,.1f} KiB) | peak RSS {s['peak_rss_bytes'] / 2**20:,.0f} MiB"
+    )
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     if a.memory_limit:
         return _limited_generate(a, a.argv)
-    from mla_edge.runtime.generate import Generator
-    from mla_edge.runtime.sampling import SamplingOptions
-
     if len(a.args) > 2:
         raise UserError('give at most [OUT_DIR] and one PROMPT (quote the prompt: "...")')
     if len(a.args) == 1 and (Path(a.args[0]) / MANIFEST).is_file():
         raise UserError(f'the prompt is missing: {a.args[0]} is an export folder (mla-edge generate OUT_DIR "prompt")')
     out_dir = export_dir_or_demo(a.args[0] if len(a.args) == 2 else None)
     prompt = a.args[-1]
-    sampling = SamplingOptions(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
-    static = a.protocol == "static" or (a.protocol == "auto" and a.provider == "qnn")
-    dynamic = {} if static else {"opt_level": a.opt_level, "optimized_cache": a.optimized_cache}
-    gen = Generator(
-        out_dir,
-        a.precision,
-        a.provider,
-        threads=a.threads,
-        iobinding=not a.no_iobinding,
-        prefill_chunk=a.prefill_chunk,
-        protocol=a.protocol,
-        **dynamic,
-    )
-    gen.encode(prompt)  # a bad prompt fails here, before anything is printed
-    kw = dict(sampling=sampling, max_new_tokens=a.max_new_tokens, stop=tuple(a.stop))
+    kw = _generation_options(a)
+    gen = _generator(a, out_dir)
+    # a bad prompt (or a missing chat template) fails here, before anything is printed
+    ids = gen.chat_prompt([{"role": "user", "content": prompt}]) if a.chat else gen.encode(prompt)
     if a.json:
-        r = gen.generate(prompt, **kw)
+        r = gen.generate_ids([ids], **kw)[0]
         _print_json(
             {
                 "prompt": prompt,
+                "chat": a.chat,
                 "text": r.text,
                 "finish_reason": r.finish_reason,
                 "token_ids": r.token_ids,
@@ -287,19 +312,50 @@ def cmd_generate(a: argparse.Namespace) -> int:
             }
         )
         return 0
-    sys.stdout.write(prompt)
-    for piece in gen.stream(prompt, **kw):
+    if not a.chat:
+        sys.stdout.write(prompt)
+    for piece in gen.stream(ids, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    s = gen.last_result.stats
-    print(
-        f"[{gen.last_result.finish_reason}] {s['precision']} | prompt {s['prompt_tokens']} tok | "
-        f"prefill {s['prefill_tok_s']:,.0f} tok/s | decode {s['decode_tok_s']:,.1f} tok/s | "
-        f"latent cache {s['cache_bytes'] / 1024:,.1f} KiB for {s['cache_tokens']} tokens "
-        f"(MHA would hold {s['mha_cache_bytes'] / 1024:,.1f} KiB) | peak RSS {s['peak_rss_bytes'] / 2**20:,.0f} MiB",
-        file=sys.stderr,
-    )
+    print(_stats_line(gen.last_result), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    """A conversation on the terminal with the model's own chat template; /exit or end of input stops."""
+    from mla_edge.runtime.chat import chat_loop
+
+    gen = _generator(a, export_dir_or_demo(a.out_dir))
+    kw = _generation_options(a)
+    gen.chat_prompt([{"role": "user", "content": "hi"}])  # no template, or a broken one: one line, now
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        return None if line == "" else line
+
+    transcript: list[dict] = []
+
+    def reply(messages: list[dict]) -> str:
+        pieces = []
+        for piece in gen.stream(gen.chat_prompt(messages), **kw):
+            if not a.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            pieces.append(piece)
+        if not a.json:
+            sys.stdout.write("\n")
+        print(_stats_line(gen.last_result), file=sys.stderr)
+        transcript[:] = [*messages, {"role": "assistant", "content": "".join(pieces)}]
+        return "".join(pieces)
+
+    chat_loop(reply, read, a.system)
+    if a.json:  # the whole conversation, once it ends
+        _print_json({"messages": transcript})
     return 0
 
 
@@ -493,7 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimized-cache", metavar="DIR", help="save onnxruntime's optimized graph here and reuse it")
     p.add_argument("--no-iobinding", action="store_true", help="copy the cache through numpy each step (to compare)")
     p.add_argument("--memory-limit", metavar="SIZE", help=HELP["memory_limit"])
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
     count(p, "--prefill-chunk", 64, HELP["prefill_chunk"])
+
+    p = command("chat", cmd_chat, "talk with a chat model on the terminal, in its own chat template (no torch)")
+    p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help=HELP["out_dir"])
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--precision", choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}))
+    p.add_argument("--provider", default="auto", help=HELP["provider"])
+    p.add_argument("--protocol", default="auto", choices=["auto", "dynamic", "static"], help=HELP["protocol"])
+    count(p, "--threads", None, "intra-op threads (default: physical cores)")
+    count(p, "--max-new-tokens", 256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    count(p, "--top-k", 0, "0 = off", zero=True)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    count(p, "--seed", None, "makes sampling reproducible", zero=True)
 
     p = command("parity", cmd_parity, "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity")
     p.add_argument("dirs", nargs="+", metavar="[MODEL_DIR] OUT_DIR", help=HELP["parity_dirs"])

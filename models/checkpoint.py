@@ -123,7 +123,8 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
     if not shards:
         pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
         hint = (
-            f" (found {', '.join(pickles)}: pickle checkpoints are not loaded, convert them to safetensors)"
+            f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True))"
             if pickles
             else ""
         )

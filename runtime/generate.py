@@ -84,6 +84,7 @@ class Generator:
             raise PromptError(f"protocol must be auto, dynamic or static, got {protocol!r}")
         self.manifest = self.session.manifest
         self.tokenizer = None
+        self._chat: Any = None
         if self.manifest.tokenizer_path and self.manifest.tokenizer_path.is_file():
             from tokenizers import Tokenizer
 
@@ -103,7 +104,9 @@ class Generator:
         self.mha_bytes_per_token = comparison(model, cache["dtype"])["mha"]["bytes_per_token"]
 
     # ---- text <-> ids ---------------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, add_bos: bool = True) -> list[int]:
+        """Token ids of a prompt; the model's bos comes first unless add_bos is False (a rendered chat template
+        writes its own special tokens)."""
         if not isinstance(prompt, str):
             raise PromptError(f"the prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
@@ -114,8 +117,8 @@ class Generator:
             raise PromptError("the prompt is not valid UTF-8 text (it holds undecodable bytes)") from None
         if self.tokenizer is None:
             raise PromptError("this export has no tokenizer.json; pass token ids instead of text")
-        ids = self.tokenizer.encode(prompt).ids
-        if self.bos is not None and (not ids or ids[0] != self.bos):
+        ids = self.tokenizer.encode(prompt, add_special_tokens=add_bos).ids
+        if add_bos and self.bos is not None and (not ids or ids[0] != self.bos):
             ids = [self.bos] + ids
         return ids
 
@@ -135,10 +138,22 @@ class Generator:
             raise PromptError("no prompts given")
         return self.generate_ids([self.encode(p) for p in prompts], **kw)
 
-    def stream(self, prompt: str, **kw) -> Iterator[str]:
-        """Text pieces as they are decided; multi-byte characters split across tokens are held back until whole.
-        The full result is in self.last_result afterwards."""
-        ids = self.encode(prompt)
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The conversation rendered by the model's own chat template (as transformers renders it), as token ids."""
+        from .chat import ChatTemplate
+
+        if self._chat is None:
+            self._chat = ChatTemplate.from_folder(self.manifest.folder)
+        return self.encode(self._chat.render(messages, add_generation_prompt=True), add_bos=False)
+
+    def chat(self, messages: list[dict], **kw) -> GenerationResult:
+        """The assistant's next turn; stops at the model's end-of-turn token (eos from generation_config.json)."""
+        return self.generate_ids([self.chat_prompt(messages)], **kw)[0]
+
+    def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
+        """Text pieces as they are decided (from a prompt, or token ids such as chat_prompt's); multi-byte characters
+        split across tokens are held back until whole. The full result is in self.last_result afterwards."""
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         with self._lock:  # one generation at a time per Generator (a static session owns its buffers)
             events = self._run([ids], **kw)
             while True:

@@ -111,7 +111,9 @@ def test_corrupt_safetensors(tiny_ckpt):
 def test_pickle_only_folder_is_refused(tmp_path, tiny_ckpt):
     (tiny_ckpt / "model.safetensors").unlink()
     (tiny_ckpt / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle checkpoints are not loaded"):
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model\.bin: pickle checkpoints are never loaded.*safe_serialization=True"
+    ):
         load_model(tiny_ckpt)
 
 
