@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -61,24 +60,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     model_dir = model_dir_or_demo(a.model_dir)
     cfg = MLAConfig.from_pretrained(model_dir)
     shown = (
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "rope_parameters",
-        "rope_interleave",
-        "max_position_embeddings",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-    )
+        "model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads q_lora_rank "
+        "kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim rope_parameters rope_interleave "
+        "max_position_embeddings tie_word_embeddings bos_token_id eos_token_id n_routed_experts "
+        "num_experts_per_tok n_shared_experts first_k_dense_replace topk_method"
+    ).split()
     contract = CacheContract.from_config(cfg, a.dtype if a.dtype in CACHE_DTYPES else "fp32")
     info: dict[str, Any] = {
         "model_dir": str(model_dir),
@@ -176,45 +162,21 @@ def cmd_parity(a: argparse.Namespace) -> int:
 
 def _static_parity(a: argparse.Namespace, manifest: Any, text: str | None, text_path: str) -> int:
     """Static graphs on a provider (say, Qualcomm's HTP) against the fp32 static graphs on the CPU. Torch-free."""
-    from tokenizers import Tokenizer
+    from mla_edge.runtime.static import static_parity
 
-    from mla_edge.runtime.static import StaticSession, compare
-
-    if manifest.tokenizer_path is None:
-        raise UserError("--static parity reads text: this export has no tokenizer.json")
-    tok = Tokenizer.from_file(str(manifest.tokenizer_path))
-    prompts = [tok.encode(p).ids for p in STATIC_PROMPTS]
-    ids = tok.encode(text).ids[: a.ppl_tokens] if text else []
-    reference = StaticSession(manifest.folder, "fp32", "cpu")
-    report: dict[str, Any] = {"export_dir": str(manifest.folder), "provider": a.provider, "text": text_path}
-    for precision in a.precision or list(manifest.data.get("static", {}).get("files", {})):
-        candidate = StaticSession(manifest.folder, precision, a.provider)
-        report[precision] = compare(
-            reference, candidate, prompts, a.steps, ids, window=min(256, reference.capacity - 1)
-        )
-        r = report[precision]
-        line = f"{precision:6s} on {a.provider}: " + "; ".join(
-            f"prompt {i}: top-1 {p['top1_agreement']:.1%}, greedy diverges at "
-            f"{'never' if p['greedy_divergence_step'] is None else p['greedy_divergence_step']}, "
-            f"max|Δlogit| {p['max_abs_logit_diff']:.3f}"
-            for i, p in enumerate(r["prompts"])
-        )
-        if r["text_tokens"]:
-            line += (
-                f"; ppl {r['ppl_candidate']:.3f} vs {r['ppl_reference']:.3f} fp32 CPU ({r['ppl_change']:+.2%}, "
-                f"{r['text_tokens']} tokens, {r['seconds']:.0f} s)"
-            )
-        print(line, file=sys.stderr if a.json else sys.stdout, flush=True)
+    report = static_parity(
+        manifest,
+        a.precision,
+        a.provider,
+        a.steps,
+        text,
+        a.ppl_tokens,
+        say=lambda line: print(line, file=sys.stderr if a.json else sys.stdout, flush=True),
+    )
+    report["text"] = text_path
     if a.json:
         _print_json(report)
     return 0
-
-
-STATIC_PROMPTS = (
-    "It was a dark and stormy night, and",
-    "The old house stood at the end of the lane, and",
-    '"I do not know," said Mr. Brown,',
-)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -230,21 +192,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def _limited_generate(a: argparse.Namespace, argv: list[str]) -> int:
     """The same generate command in a child process under the memory limit."""
     from mla_edge.runtime.budget import parse_memory
-    from mla_edge.runtime.memory import MemoryLimitExceeded, cli_command, run_limited
+    from mla_edge.runtime.memory import rerun_limited
 
-    limit = parse_memory(a.memory_limit)
-    child = [x for i, x in enumerate(argv) if x != "--memory-limit" and (i == 0 or argv[i - 1] != "--memory-limit")]
-    child = [x for x in child if not x.startswith("--memory-limit=")]
-    try:
-        proc, info = run_limited(cli_command(*child), limit, stderr=subprocess.PIPE, text=True)
-    except MemoryLimitExceeded as e:
-        raise UserError(str(e)) from None
-    sys.stderr.write(proc.stderr)
-    peak = f", peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else ""
-    print(
-        f"[memory limit] {info['limit_bytes'] / 2**20:.1f} MiB enforced by {info['mechanism']}{peak}", file=sys.stderr
-    )
-    return proc.returncode
+    return rerun_limited(argv, "--memory-limit", parse_memory(a.memory_limit))
 
 
 def _generator(a: argparse.Namespace, out_dir: Path):  # -> Generator (imported lazily: no torch, no onnxruntime yet)
@@ -443,14 +393,8 @@ def _positive(name: str, zero_ok: bool = False) -> Callable[[str], int]:
     return parse
 
 
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
-    return out
+def _lengths(text: str) -> tuple[int, ...]:  # the hidden bench worker's lengths, written by `bench` itself
+    return tuple(int(x) for x in text.split(","))
 
 
 HELP = {  # the flags several commands share, and the long help texts

@@ -20,11 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from mla_edge.contract import InputError
+
 V2 = Path("/sys/fs/cgroup")
 V1 = Path("/sys/fs/cgroup/memory")
 
 
-class MemoryLimitExceeded(RuntimeError):
+class MemoryLimitExceeded(InputError):
     """The limited command was killed by its limit, or failed to allocate under it."""
 
 
@@ -152,3 +154,17 @@ def run_limited(cmd: list[str], limit: int, **popen) -> tuple[subprocess.Complet
     finally:
         if group:
             group.remove()
+
+
+def rerun_limited(argv: list[str], flag: str, limit: int) -> int:
+    """Run this `mla-edge` command line again, without `flag` and its value, in a child under `limit` bytes; its
+    stderr passes through with one line saying how the limit was enforced. Exceeding it raises MemoryLimitExceeded."""
+    child = [x for i, x in enumerate(argv) if x != flag and (i == 0 or argv[i - 1] != flag)]
+    child = [x for x in child if not x.startswith(flag + "=")]
+    proc, info = run_limited(cli_command(*child), limit, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    peak = f", peak {info['peak_bytes'] / 2**20:.1f} MiB" if info["peak_bytes"] else ""
+    print(
+        f"[memory limit] {info['limit_bytes'] / 2**20:.1f} MiB enforced by {info['mechanism']}{peak}", file=sys.stderr
+    )
+    return proc.returncode

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +293,54 @@ def _greedy(sess: StaticSession, ids: list[int], steps: int) -> list[int]:
         out.append(int(logits.argmax()))
         logits = sess.decode(out[-1])
     return out
+
+
+STATIC_PROMPTS = (
+    "It was a dark and stormy night, and",
+    "The old house stood at the end of the lane, and",
+    '"I do not know," said Mr. Brown,',
+)
+
+
+def static_parity(
+    manifest: Manifest,
+    precisions: list[str] | None,
+    provider: str,
+    steps: int,
+    text: str | None,
+    text_tokens: int,
+    say: Callable[[str], None],
+) -> dict:
+    """`mla-edge parity --static`: each static precision on `provider` against the fp32 static graphs on the CPU,
+    over three prompts and the text's first `text_tokens` tokens; one line per precision goes to `say`."""
+    from tokenizers import Tokenizer
+
+    if manifest.tokenizer_path is None:
+        raise ManifestError("--static parity reads text: this export has no tokenizer.json")
+    tok = Tokenizer.from_file(str(manifest.tokenizer_path))
+    prompts = [tok.encode(p).ids for p in STATIC_PROMPTS]
+    ids = tok.encode(text).ids[:text_tokens] if text else []
+    reference = StaticSession(manifest.folder, "fp32", "cpu")
+    report: dict = {"export_dir": str(manifest.folder), "provider": provider}
+    for precision in precisions or list(manifest.data.get("static", {}).get("files", {})):
+        r = report[precision] = compare(
+            reference,
+            StaticSession(manifest.folder, precision, provider),
+            prompts,
+            steps,
+            ids,
+            window=min(256, reference.capacity - 1),
+        )
+        line = f"{precision:6s} on {provider}: " + "; ".join(
+            f"prompt {i}: top-1 {p['top1_agreement']:.1%}, greedy diverges at "
+            f"{'never' if p['greedy_divergence_step'] is None else p['greedy_divergence_step']}, "
+            f"max|Δlogit| {p['max_abs_logit_diff']:.3f}"
+            for i, p in enumerate(r["prompts"])
+        )
+        if r["text_tokens"]:
+            line += (
+                f"; ppl {r['ppl_candidate']:.3f} vs {r['ppl_reference']:.3f} fp32 CPU ({r['ppl_change']:+.2%}, "
+                f"{r['text_tokens']} tokens, {r['seconds']:.0f} s)"
+            )
+        say(line)
+    return report
