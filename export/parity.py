@@ -7,7 +7,6 @@ cost of int8/int4 is one number). Also a left-padded batch of two prompts of dif
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from mla_edge.contract import positions_from_mask
 from mla_edge.models.checkpoint import load_model
 from mla_edge.models.mla import MLAForCausalLM, ModelOptions, empty_cache
 from mla_edge.runtime.generate import left_pad
+from mla_edge.runtime.sampling import perplexity
 from mla_edge.runtime.session import LatentSession
 
 DEFAULT_PROMPTS = ("The old house stood at the end of the lane, and", "She looked at him")
@@ -93,23 +93,6 @@ def greedy(model_or_sess, prompt: list[int], steps: int) -> list[int]:
         pos = pos[:, -1:] + 1
         mask = np.ones((1, mask.shape[1] + 1), np.int64)
     return out
-
-
-def perplexity(step_fn: Callable[[np.ndarray], Any], ids: list[int], window: int) -> float:
-    """exp(mean NLL) over non-overlapping windows, each a fresh prefill; step_fn(ids (1, S)) -> logits (1, S, V)
-    as numpy or torch (PyTorch, onnxruntime and the research recipes all score text with this one function)."""
-    nll, count = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        chunk = np.asarray([ids[s : s + window + 1]], np.int64)
-        if chunk.shape[1] < 2:
-            break
-        x, y = chunk[:, :-1], chunk[0, 1:]
-        logits = np.asarray(step_fn(x))[0].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(len(y)), y].sum())
-        count += len(y)
-    return math.exp(nll / count)
 
 
 def run_parity(

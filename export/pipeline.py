@@ -196,7 +196,7 @@ def _static(
     from .onnx_graph import export_static, model_files
 
     device = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=True)).eval()
-    device.load_state_dict(model.state_dict())
+    device.load_state_dict(model.state_dict(), assign=True)  # the same weight tensors: no second copy
     n, c = opts.static_cache or 0, opts.static_chunk
     graphs = {
         "decode": static_graph(contract, cfg.vocab_size, n, 1),

@@ -1,9 +1,12 @@
-"""Next-token choice from logits, in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+"""Logits in numpy: the next-token choice (greedy, temperature, top-k, top-p, repetition penalty, seeded) and a
+text's perplexity."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,3 +76,20 @@ class Sampler:
             probs = np.where(keep, probs, 0.0)
             probs /= probs.sum(-1, keepdims=True)
         return np.array([self.rng.choice(len(p), p=p) for p in probs])
+
+
+def perplexity(step_fn: Callable[[np.ndarray], Any], ids: list[int], window: int) -> float:
+    """exp(mean NLL) over non-overlapping windows, each a fresh prefill; step_fn(ids (1, S)) -> logits (1, S, V)
+    as numpy or torch (PyTorch, both onnxruntime protocols and the research recipes all score text with this one)."""
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = np.asarray([ids[s : s + window + 1]], np.int64)
+        if chunk.shape[1] < 2:
+            break
+        x, y = chunk[:, :-1], chunk[0, 1:]
+        logits = np.asarray(step_fn(x))[0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(y)), y].sum())
+        count += len(y)
+    return math.exp(nll / count)

@@ -27,7 +27,9 @@ PROVIDERS = {
     "nnapi": ("NnapiExecutionProvider", {}),
     "qnn": ("QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}),
 }
-AUTO_ORDER = ("qnn", "nnapi", "coreml", "xnnpack")  # "auto": the first of these this onnxruntime has, else the CPU
+# "auto": the first of these this onnxruntime has, else the CPU. Not QNN: Qualcomm's HTP takes only the static graphs
+# (runtime/static.py), and once onnxruntime-qnn's plugin is registered in a process it would be "available" here.
+AUTO_ORDER = ("nnapi", "coreml", "xnnpack")
 DEFAULT_PROVIDER = "auto"
 OPT_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -107,11 +109,11 @@ class LatentSession:
         self.ort_format = (
             ort_format and self.providers == ["CPUExecutionProvider"] and opt_level == "all" and not optimized_cache
         )
-        if self.ort_format and "ort" in self.manifest.data["files"].get(precision, {}):
-            why = self.manifest.ort_mismatch(precision)
-            if why:  # optimized for another build or machine: the portable .onnx is always right
-                warnings.warn(f"{why}; loading the .onnx instead", stacklevel=2)
-        self.ort_format = self.ort_format and self.manifest.ort_mismatch(precision) is None
+        why = self.manifest.ort_mismatch(precision) if self.ort_format else None
+        if why and "ort" in self.manifest.data["files"].get(precision, {}):
+            # optimized for another build or machine: the portable .onnx is always right
+            warnings.warn(f"{why}; loading the .onnx instead", stacklevel=2)
+        self.ort_format = self.ort_format and why is None
         path = self.manifest.model_path(precision, verify=verify, ort_format=self.ort_format)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or physical_cores()

@@ -169,7 +169,11 @@ class StaticSession:
                 f"the prompt has {len(ids)} tokens; the static cache holds {self.capacity} "
                 "(prompt + new tokens): re-export with a larger --static-cache"
             )
-        return self.score(ids)[-1]
+        last = None
+        for s in range(0, len(ids), self.chunk):  # only the last token's logits are kept
+            last = self._run("prefill", ids[s : s + self.chunk])
+        assert last is not None
+        return last[-1]
 
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits (len(ids), V) of every token, fed in prefill chunks after what the buffers hold (the last chunk is
@@ -236,8 +240,9 @@ def compare(
     """The candidate (say, HTP) against the reference (say, fp32 on the CPU), both static: free-running greedy text
     from each prompt (top-1 agreement, first divergence), teacher-forced max |Δlogit| along the reference's tokens, and
     perplexity of both on `text` in windows of `window` tokens, each a fresh prefill."""
-    import math
     import time
+
+    from .sampling import perplexity
 
     runs = []
     for ids in prompts:
@@ -263,22 +268,23 @@ def compare(
     report: dict = {"steps": steps, "prompts": runs, "text_tokens": 0}
     if text:
         t0 = time.perf_counter()
-        nll = {"reference": 0.0, "candidate": 0.0}
-        count = 0
-        for s in range(0, len(text) - 1, window):
-            chunk = text[s : s + window + 1]
-            for key, sess in (("reference", reference), ("candidate", candidate)):
+
+        def scorer(sess: StaticSession) -> Callable[[np.ndarray], np.ndarray]:
+            def score(x: np.ndarray) -> np.ndarray:  # each window a fresh prefill
                 sess.reset()
-                logits = sess.score(chunk[:-1]).astype(np.float64)
-                logits -= logits.max(-1, keepdims=True)
-                logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-                nll[key] -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
-            count += len(chunk) - 1
+                return sess.score(x[0].tolist())[None]
+
+            return score
+
+        ppl = {
+            key: perplexity(scorer(sess), text, window)
+            for key, sess in (("reference", reference), ("candidate", candidate))
+        }
         report.update(
             {
-                "text_tokens": count,
-                "ppl_reference": math.exp(nll["reference"] / count),
-                "ppl_candidate": math.exp(nll["candidate"] / count),
+                "text_tokens": len(text) - 1,
+                "ppl_reference": ppl["reference"],
+                "ppl_candidate": ppl["candidate"],
                 "seconds": time.perf_counter() - t0,
             }
         )

@@ -220,9 +220,9 @@ def test_mla_fits_a_memory_limit_that_its_mha_twin_does_not(demo_run, mha_twin_e
 
 def test_int8_latent_cache_costs_little(demo_run, tmp_path):
     """On the demo model, perplexity with the int8 latent cache is within 1% of the fp32 cache, at 3.6x fewer bytes."""
-    from mla_edge.export.parity import perplexity
     from mla_edge.export.pipeline import ExportOptions, export_folder
     from mla_edge.runtime.generate import Generator
+    from mla_edge.runtime.sampling import perplexity
 
     out = tmp_path / "q8cache"
     man = export_folder(DEMO_DIR, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))

@@ -42,7 +42,7 @@ class StaticPerChannel:
 def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
 
-    from mla_edge.export.parity import perplexity
+    from mla_edge.runtime.sampling import perplexity
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
