@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,10 +46,7 @@ def export_dir_or_demo(given: str | None) -> Path:
         return Path(given)
     d = demo_export_dir()
     if not (d / MANIFEST).is_file():
-        raise UserError(
-            f"no OUT_DIR given and the demo model has not been exported yet ({d}): run `mla-edge demo` "
-            "or `mla-edge export` first"
-        )
+        raise UserError(f"no OUT_DIR given and the demo has no export yet ({d}): run `mla-edge demo` first")
     return d
 
 
@@ -328,8 +326,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_worker(a: argparse.Namespace) -> int:
-    """One backend of `mla-edge bench`, in its own process: `torch` (PyTorch eager, from MODEL_DIR) or an
-    onnxruntime precision (from OUT_DIR, without torch)."""
+    """One backend of `mla-edge bench` in its own process: torch (from MODEL_DIR) or an ORT precision (no torch)."""
     import time
 
     from mla_edge.runtime.bench import emit, measure, measure_ort
@@ -576,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         return args._run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the temp folder is already gone; a second Ctrl-C must not interrupt the exit
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"mla-edge {args.command}: interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
