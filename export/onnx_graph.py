@@ -214,8 +214,12 @@ def name_dims(proto, specs: dict) -> None:
 def save_ort_format(src: Path, dst: Path) -> bool:
     """onnxruntime's own format with every graph optimization applied for this machine (the 'Fixed' style of
     onnxruntime.tools.convert_onnx_models_to_ort): it loads with less memory and nothing left to optimize.
-    Returns False (and writes nothing) where the format cannot hold the model: int4 Gather weights, today."""
+    Returns False (and writes nothing) where the format cannot hold the model: int4 Gather weights, today, and
+    models past 1.9 GB (a FlatBuffer holds 2 GiB at most)."""
     import onnxruntime as ort
+
+    if sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.9e9:
+        return False
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

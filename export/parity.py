@@ -95,6 +95,90 @@ def greedy(model_or_sess, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
+def _graph_routes(graph: Path, session_feeds: list[dict]) -> list[np.ndarray]:
+    """Run a copy of `graph` whose MoE/QMoE routing inputs are extra outputs (the copy sits in a temp folder beside
+    links to the external data files) on each feed; returns, per feed, the chosen experts (layers, tokens, E) as a
+    bool array: the finite entries of log(weights)."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from .onnx_graph import model_files
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    routes = [n.input[1] for n in proto.graph.node if n.op_type in ("MoE", "QMoE")]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=r) for r in routes)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in model_files(graph)[1:]:
+            os.symlink(graph.parent / name, Path(tmp) / name)
+        onnx.save_model(proto, str(Path(tmp) / graph.name))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(Path(tmp) / graph.name), so, providers=["CPUExecutionProvider"])
+        out = []
+        for feed in session_feeds:
+            values = sess.run(routes, feed)
+            out.append(np.stack([np.isfinite(v) for v in values]))
+        return out
+
+
+def router_agreement(model: MLAForCausalLM, sess: LatentSession, row: list[int], prompt_len: int, steps: int) -> dict:
+    """Router fidelity: the experts each MoE layer chose in PyTorch and in the exported graph, on every token of a
+    prefill and `steps` teacher-forced decode steps (both sides fed the same tokens and their own caches). Reports
+    the tokens x layers that agree, and PyTorch's near-ties (k-th and k+1-th choice scores within 1e-6), where a
+    different pick would be a tie-break, not an error."""
+    from mla_edge.models.mla import MoE, Router
+
+    chosen: list[torch.Tensor] = []
+    margins: list[torch.Tensor] = []
+
+    def record(module: Router, args: tuple, output: tuple) -> None:
+        cfg = module.cfg
+        mix, picks = output
+        chosen.append(torch.zeros_like(mix, dtype=torch.bool).scatter(1, picks, True))
+        logits = torch.nn.functional.linear(args[0].float(), module.weight.float())
+        scores = (
+            logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid() + module.e_score_correction_bias
+        )
+        top = scores.topk(min(cfg.num_experts_per_tok + 1, scores.shape[-1]), -1).values
+        margins.append(top[:, -2] - top[:, -1])
+
+    hooks = [m.gate.register_forward_hook(record) for m in model.modules() if isinstance(m, MoE)]
+    if not hooks:
+        return {}
+    try:
+        ids = np.asarray([row[: prompt_len + steps]], np.int64)
+        feeds, cache, t_cache = [], sess.empty_cache(1), None
+        spans = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
+        for t0, t1 in spans:
+            x, mask, pos = ids[:, t0:t1], np.ones((1, t1), np.int64), np.arange(t0, t1, dtype=np.int64)[None]
+            feeds.append({"input_ids": x, "attention_mask": mask, "position_ids": pos, **cache})
+            _, cache = sess.step(x, mask, pos, cache)
+            _, t_cache = _torch_step(model, x, mask, pos, t_cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = len(hooks)
+    want = torch.cat([torch.stack(chosen[i : i + layers]) for i in range(0, len(chosen), layers)], 1).numpy()
+    margin = torch.cat([torch.stack(margins[i : i + layers]) for i in range(0, len(margins), layers)], 1).numpy()
+    got = np.concatenate(
+        _graph_routes(sess.manifest.model_path(sess.precision, verify=False), feeds), 1
+    )  # (layers, tokens, E)
+    same = (got == want).all(-1)
+    k = model.cfg.num_experts_per_tok
+    return {
+        "layers": layers,
+        "tokens": int(same.shape[1]),
+        "agree": int(same.sum()),
+        "total": int(same.size),
+        "graph_picks_k": bool((got.sum(-1) == k).all()),
+        "near_ties": int((margin <= 1e-6).sum()),
+        "disagree_at_near_ties": int((~same & (margin <= 1e-6)).sum()),
+    }
+
+
 def run_parity(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -170,6 +254,8 @@ def run_parity(
             "greedy_identical": diverge is None,
             "file_bytes": manifest.data["files"][prec]["bytes"],
         }
+        if model.cfg.is_moe:
+            entry["router"] = router_agreement(model, sess, rows[0], lens[0], steps)
         if text:
             ppl = perplexity(
                 lambda x: sess.step(x, np.ones_like(x), np.arange(x.shape[1])[None], sess.empty_cache(1))[0],
@@ -201,4 +287,11 @@ def format_table(report: dict) -> str:
         if "ppl" in e:
             row += f" {e['ppl']:>9.3f} {e['ppl_change_vs_torch']:>+8.2%}"
         lines.append(row)
+    for prec, e in report["precisions"].items():
+        if r := e.get("router"):
+            lines.append(
+                f"  {prec} router: experts chosen as PyTorch chose on {r['agree']}/{r['total']} token-layers "
+                f"({r['tokens']} tokens x {r['layers']} MoE layers); PyTorch near-ties {r['near_ties']}, "
+                f"disagreements at them {r['disagree_at_near_ties']}"
+            )
     return "\n".join(lines)

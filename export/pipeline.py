@@ -6,12 +6,14 @@ failure at any stage leaves no half-written export behind.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ class ExportOptions:
     static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for QNN)
     require_tokenizer: bool = True  # refuse a model folder without a readable tokenizer.json (--no-tokenizer: allow)
     qnn_context: str | None = None  # compile the static graphs for this Snapdragon SoC (sm8650, ...): EPContext files
+    moe_op: bool = True  # MoE layers as onnxruntime's MoE/QMoE op (only chosen experts run), else dense plain ops
 
 
 def is_export(folder: Path) -> bool:
@@ -271,6 +274,7 @@ def _build(
 
     from mla_edge.models.checkpoint import load_model
     from mla_edge.models.mla import ModelOptions
+    from mla_edge.runtime.memory import peak_rss_bytes
 
     from . import quantize as q
     from .onnx_graph import export_onnx, model_files, save_ort_format
@@ -278,12 +282,13 @@ def _build(
     stages = [
         "load",
         "export fp32",
+        *(["static graphs"] if opts.static_cache else []),
         *[f"quantize {p}" for p in wanted],
         *(["ort format"] if opts.ort_format else []),
-        *(["static graphs"] if opts.static_cache else []),
         "manifest",
     ]
     timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}  # this process's peak RSS after each stage (VmHWM: it only grows)
     with tqdm(total=len(stages), desc="export", unit="stage", disable=not opts.progress, dynamic_ncols=True) as bar:
 
         def run_stage(name: str, fn: Callable[[], Any]) -> Any:
@@ -291,13 +296,22 @@ def _build(
             t0 = time.time()
             result = fn()
             timings[name] = round(time.time() - t0, 2)
+            peaks[name] = peak_rss_bytes()
             bar.update(1)
             return result
 
-        options = ModelOptions(attention="absorbed", cache_dtype=opts.cache_dtype, graph_weights=True)
+        options = ModelOptions(
+            attention="absorbed", cache_dtype=opts.cache_dtype, graph_weights=True, moe_op=cfg.is_moe and opts.moe_op
+        )
         model = run_stage("load", lambda: load_model(model_dir, options))
-        fp32 = run_stage("export fp32", lambda: export_onnx(model, tmp / MODEL_FILE["fp32"], opts.opset))
+        weight_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+        fp32 = run_stage("export fp32", partial(export_onnx, model, tmp / MODEL_FILE["fp32"], opts.opset))
         contract = CacheContract.from_config(cfg, opts.cache_dtype)
+        static = None
+        if opts.static_cache:
+            static = run_stage("static graphs", partial(_static, model, tmp, cfg, contract, opts, tokenizer, calib))
+        del model  # the PyTorch weights are not needed again: quantizers read the graph files
+        gc.collect()
         for p in wanted:
             dst = tmp / MODEL_FILE[p]
             if p == "int8":
@@ -318,9 +332,6 @@ def _build(
                     p: save_ort_format(tmp / MODEL_FILE[p], tmp / ort_name(MODEL_FILE[p])) for p in ("fp32", *wanted)
                 },
             )
-        static = None
-        if opts.static_cache:
-            static = run_stage("static graphs", lambda: _static(model, tmp, cfg, contract, opts, tokenizer, calib))
         bar.set_postfix_str("manifest")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -342,12 +353,18 @@ def _build(
             "model": cfg.to_dict(),
             "max_context": cfg.max_position_embeddings,
             "cache": contract.to_manifest(),
-            "graph": {"attention": "absorbed", "opset": opts.opset, **dynamic_graph(contract, cfg.vocab_size)},
+            "graph": {
+                "attention": "absorbed",
+                "opset": opts.opset,
+                "experts": ("moe-op" if opts.moe_op else "dense") if cfg.is_moe else None,
+                **dynamic_graph(contract, cfg.vocab_size),
+            },
             "tokens": {"bos": cfg.bos_token_id, "eos": eos, "pad": cfg.pad_token_id},
             "tokenizer": "tokenizer.json" if tokenizer.is_file() else None,
             "chat": {"template": TOKENIZER_CONFIG, "files": chat_files} if TOKENIZER_CONFIG in chat_files else None,
             "files": files,
             "export_seconds": timings,
+            "export_peak_rss_bytes": {**peaks, "fp32_weight_bytes": weight_bytes},
         }
         if static:
             manifest["static"] = static

@@ -3,6 +3,8 @@
 int8      dynamic, per-channel int8 weights on MatMul and Gather (the embedding); activations quantized at run time.
 int4      weight-only MatMulNBits (and GatherBlockQuantized for the embedding), symmetric, configurable block size.
 int8-qdq  static QDQ calibrated on prefill and decode steps of a text: the format NPU execution providers want.
+MoE experts (com.microsoft MoE nodes) become QMoE nodes: int8 with one scale per row, or int4 by blocks.
+Every writer keeps weights in an external data file past EXTERNAL_DATA_BYTES (protobuf caps a file at 2 GiB).
 """
 
 from __future__ import annotations
@@ -15,6 +17,27 @@ from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheCont
 
 # The ops we quantize. Always passed explicitly: the default list reaches ops that break attention.
 OP_TYPES = ["MatMul", "Gather"]
+EXTERNAL_DATA_BYTES = 1 << 30  # weights past ~1 GiB go to <file>.data beside the graph
+STREAMING_BYTES = 2 << 30  # fp32 graphs past 2 GiB are quantized tensor by tensor (quantize_int8_streaming)
+
+
+def model_bytes(path: Path) -> int:
+    """A graph file plus the external data files beside it."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
+def save_model(model, path: Path, external: bool | None = None) -> None:
+    """onnx.save_model, with the weights in `<name>.data` beside the graph when `external`, which by default is
+    whether they pass EXTERNAL_DATA_BYTES."""
+    import onnx
+
+    if external is None:
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    Path(str(path) + ".data").unlink(missing_ok=True)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
 
 
 def batched_weight_matmuls(path: Path) -> list[str]:
@@ -28,10 +51,14 @@ def batched_weight_matmuls(path: Path) -> list[str]:
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Per-channel int8 for 2-D weights; the 3-D per-head weights get one scale per tensor in a second pass,
-    since onnxruntime's MatMulInteger takes per-channel parameters for 2-D weights only."""
+    since onnxruntime's MatMulInteger takes per-channel parameters for 2-D weights only; MoE experts become QMoE."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if model_bytes(src) > STREAMING_BYTES:
+        quantize_int8_streaming(src, dst)
+        return
     batched = batched_weight_matmuls(src)
+    external = model_bytes(src) > EXTERNAL_DATA_BYTES
     quantize_dynamic(
         str(src),
         str(dst),
@@ -39,6 +66,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         per_channel=True,
         nodes_to_exclude=batched,
         weight_type=QuantType.QInt8,
+        use_external_data_format=external,
         extra_options={"MatMulConstBOnly": True},
     )
     if batched:
@@ -49,11 +77,190 @@ def quantize_int8(src: Path, dst: Path) -> None:
             per_channel=False,
             nodes_to_quantize=batched,
             weight_type=QuantType.QInt8,
+            use_external_data_format=external,
             extra_options={"MatMulConstBOnly": True},
         )
+    quantize_experts(dst, dst, bits=8)
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
+def _plain_gemm(node) -> str | None:
+    """'transB' or 'plain' for a Gemm that is a MatMul (+ bias): alpha = beta = 1, A not transposed."""
+    from onnx import helper
+
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+        return None
+    return "transB" if a.get("transB", 0) else "plain"
+
+
+class _Weights:
+    """The initializers of a graph, read one at a time: external ones memory-mapped from their data file, so a
+    graph of any size is never held in memory whole."""
+
+    def __init__(self, path: Path):
+        import onnx
+
+        self.folder = path.parent
+        self.proto = onnx.load(str(path), load_external_data=False)
+        self.tensors = {t.name: t for t in self.proto.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import helper, numpy_helper
+        from onnx.external_data_helper import uses_external_data
+
+        t = self.tensors[name]
+        if not uses_external_data(t):
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.memmap(
+            self.folder / info["location"], dtype, "r", int(info.get("offset", 0)), tuple(t.dims) or (1,)
+        ).reshape(tuple(t.dims))
+
+
+class _DataFile:
+    """Appends tensors to one external data file and returns initializers that point into it."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.f = open(path, "wb")  # noqa: SIM115  # closed by close()
+
+    def tensor(self, name: str, arr: np.ndarray):
+        from onnx import TensorProto, helper
+
+        pad = -self.offset % 64
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim else arr.reshape(1, 1)
+        for start in range(0, rows.shape[0], 4096):  # copied in slices, never whole
+            self.f.write(np.ascontiguousarray(rows[start : start + 4096]).tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", arr.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.offset += arr.nbytes
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def quantize_int8_streaming(src: Path, dst: Path) -> None:
+    """quantize_int8's recipe written tensor by tensor, for graphs too big for onnxruntime's quantizer (which holds
+    about 3x the fp32 weights): the same nodes quantize_dynamic writes (DynamicQuantizeLinear -> MatMulInteger ->
+    Cast -> Mul; Gather of a uint8 table -> DequantizeLinear; QMoE for experts) and the same numbers, computed with
+    onnxruntime.quantization's own quantize_data, per output column for 2-D weights and per tensor for 3-D ones.
+    Peak memory is about one weight tensor; the output's weights go to <dst>.data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    w = _Weights(src)
+    graph = w.proto.graph
+    out = _DataFile(dst.with_name(dst.name + ".data"))
+    new_inits: list = []
+    small = numpy_helper.from_array
+    nodes: list = []
+    activations: dict[str, tuple[str, str, str]] = {}
+    done: set[str] = set()
+
+    def is_float_init(name: str, ranks: tuple[int, ...]) -> bool:
+        t = w.tensors.get(name)
+        return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) in ranks
+
+    def per_tensor(arr: np.ndarray, qtype: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        zp, scale, q = quantize_data(np.asarray(arr, np.float32).reshape(-1), qtype, symmetric)
+        return q.reshape(arr.shape), np.asarray(scale, np.float32), np.asarray(zp)
+
+    try:
+        for node in graph.node:
+            gemm = node.op_type == "Gemm" and is_float_init(node.input[1], (2,)) and _plain_gemm(node)
+            if gemm or (node.op_type == "MatMul" and is_float_init(node.input[1], (2, 3))):
+                name = node.input[1]
+                arr = w.array(name)
+                if gemm and _plain_gemm(node) == "transB":  # as onnxruntime does: Gemm -> MatMul(A, B^T) (+ C)
+                    name, arr = name + "_Transposed", arr.T
+                if arr.ndim == 2:  # per output column, symmetric int8
+                    cols = np.ascontiguousarray(np.asarray(arr, np.float32).T)  # (N, K): one column per row
+                    q = np.empty(cols.shape, np.int8)
+                    scale = np.empty(cols.shape[0], np.float32)
+                    for j in range(cols.shape[0]):
+                        q[j], scale[j], _ = per_tensor(cols[j], TensorProto.INT8, True)
+                    q, zp = q.T, np.zeros(cols.shape[0], np.int8)
+                    del cols
+                else:
+                    q, scale, zp = per_tensor(arr, TensorProto.INT8, True)
+                    zp = zp.astype(np.int8)
+                if name not in done:
+                    new_inits += [out.tensor(name + "_quantized", q), small(scale, name + "_scale")]
+                    new_inits.append(small(zp, name + "_zero_point"))
+                    done.add(name)
+                a = node.input[0]
+                if a not in activations:
+                    activations[a] = (a + "_quantized", a + "_scale", a + "_zero_point")
+                    nodes.append(
+                        helper.make_node("DynamicQuantizeLinear", [a], list(activations[a]), a + "_QuantizeLinear")
+                    )
+                aq, ascale, azp = activations[a]
+                y = node.output[0]
+                if gemm and len(node.input) > 2 and node.input[2]:
+                    nodes.append(helper.make_node("Add", [y + "_nobias", node.input[2]], [y]))
+                    y += "_nobias"
+                nodes += [
+                    helper.make_node("MatMulInteger", [aq, name + "_quantized", azp, name + "_zero_point"], [y + "_q"]),
+                    helper.make_node("Cast", [y + "_q"], [y + "_cast"], to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [ascale, name + "_scale"], [y + "_scales"]),
+                    helper.make_node("Mul", [y + "_cast", y + "_scales"], [y], node.name),
+                ]
+            elif node.op_type == "Gather" and is_float_init(node.input[0], (2,)):
+                name, y = node.input[0], node.output[0]
+                q, scale, zp = per_tensor(w.array(name), TensorProto.UINT8, False)
+                new_inits += [out.tensor(name + "_quantized", q.astype(np.uint8)), small(scale, name + "_scale")]
+                new_inits.append(small(zp.astype(np.uint8), name + "_zero_point"))
+                nodes += [
+                    helper.make_node("Gather", [name + "_quantized", node.input[1]], [y + "_quantized"], axis=0),
+                    helper.make_node(
+                        "DequantizeLinear", [y + "_quantized", name + "_scale", name + "_zero_point"], [y]
+                    ),
+                ]
+            elif node.op_type == "MoE" and node.domain == "com.microsoft":
+                names = []
+                for k in (2, 4):
+                    arr = w.array(node.input[k])
+                    parts = [quantize_rows(np.asarray(arr[e : e + 1], np.float32), 8) for e in range(arr.shape[0])]
+                    codes, scale = np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
+                    new_inits += [out.tensor(node.input[k] + "_q8", codes), small(scale, node.input[k] + "_scale")]
+                    names += [node.input[k] + "_q8", node.input[k] + "_scale", ""]
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                nodes.append(
+                    helper.make_node(
+                        "QMoE",
+                        [*node.input[:2], *names[:-1]],
+                        node.output,
+                        node.name,
+                        domain="com.microsoft",
+                        **attrs,
+                        expert_weight_bits=8,
+                        weights_prepacked=0,
+                    )
+                )
+            else:
+                nodes.append(node)
+        used = {i for n in nodes for i in n.input}
+        for t in graph.initializer:  # what stays float: copied across, external ones in slices
+            if t.name in used:
+                big = len(t.raw_data) == 0 and t.data_location == 1
+                new_inits.append(out.tensor(t.name, w.array(t.name)) if big else t)
+    finally:
+        out.close()
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    onnx.save_model(w.proto, str(dst))
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | None = None) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -69,7 +276,64 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     q.process()
-    onnx.save_model(q.model.model, str(dst))
+    del model
+    save_model(q.model.model, dst, external)
+    del q
+    quantize_experts(dst, dst, bits=4, block_size=block_size, external=external)
+
+
+def quantize_rows(w: np.ndarray, bits: int, block_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weight-only quantization of w (E, N, K) along K for QMoE's raw layout (weights_prepacked=0):
+    uint8 codes offset by 2^(bits-1) (the op's default zero point), two int4 codes per byte, low nibble first;
+    scales (E, N), or (E, N, K / block_size) with blocks."""
+    E, N, K = w.shape
+    top = (1 << (bits - 1)) - 1
+    blocks = w.reshape(E, N, K // block_size, block_size) if block_size else w[..., None, :]
+    scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / top
+    codes = np.clip(np.rint(blocks / scale[..., None]), -top - 1, top) + (top + 1)
+    codes = codes.reshape(E, N, K).astype(np.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, (scale if block_size else scale[..., 0]).astype(np.float32)
+
+
+def quantize_experts(src: Path, dst: Path, bits: int, block_size: int = 0, external: bool | None = None) -> int:
+    """Each com.microsoft MoE node -> a QMoE node with the same routing input and attributes, its expert weights
+    quantized by quantize_rows (block_size is used where it divides both the hidden and the expert width, else one
+    scale per row). Returns the number of nodes converted; a graph without MoE is left untouched."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "MoE" for n in onnx.load(str(src), load_external_data=False).graph.node):
+        return 0
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    converted = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        fc1 = numpy_helper.to_array(inits[node.input[2]])  # (E, 2I, C)
+        fc2 = numpy_helper.to_array(inits[node.input[4]])  # (E, C, I)
+        width, hidden = fc2.shape[2], fc2.shape[1]
+        block = block_size if block_size and width % block_size == 0 and hidden % block_size == 0 else 0
+        names = []
+        for w, name in ((fc1, node.input[2]), (fc2, node.input[4])):
+            codes, scale = quantize_rows(w, bits, block)
+            model.graph.initializer.remove(inits[name])
+            model.graph.initializer.extend(
+                [numpy_helper.from_array(codes, f"{name}_q{bits}"), numpy_helper.from_array(scale, f"{name}_scale")]
+            )
+            names += [f"{name}_q{bits}", f"{name}_scale", ""]
+        del fc1, fc2
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs.update(expert_weight_bits=bits, weights_prepacked=0, **({"block_size": block} if block else {}))
+        qmoe = helper.make_node(
+            "QMoE", [*node.input[:2], *names[:-1]], node.output, name=node.name, domain="com.microsoft", **attrs
+        )
+        model.graph.node[i].CopyFrom(qmoe)
+        converted += 1
+    save_model(model, dst, external)
+    return converted
 
 
 def calibration_feeds(

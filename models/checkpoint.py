@@ -140,9 +140,10 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
 
 
 def read_state_dict(
-    model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype = torch.float32
+    model_dir: str | Path, cfg: MLAConfig, dtype: torch.dtype | None = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor the config implies; errors name the tensor and the config fields."""
+    """Read and validate every tensor the config implies (memory-mapped by safetensors, each tensor read once and
+    converted as it is read; dtype None keeps the stored dtype); errors name the tensor and the config fields."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -196,7 +197,7 @@ def read_state_dict(
                         )
                     if not t.is_floating_point():
                         raise CheckpointError(f"tensor {n!r} has dtype {t.dtype}; expected a float tensor")
-                    state[n] = t.to(dtype)
+                    state[n] = t if dtype is None else t.to(dtype)
         except CheckpointError:
             raise
         except Exception as e:
@@ -205,19 +206,29 @@ def read_state_dict(
 
 
 def load_model(
-    model_dir: str | Path, options: ModelOptions = ModelOptions(), dtype: torch.dtype = torch.float32
+    model_dir: str | Path, options: ModelOptions = ModelOptions(), dtype: torch.dtype | None = torch.float32
 ) -> MLAForCausalLM:
-    """config.json + safetensors -> MLAForCausalLM in eval mode, computing as `options` say."""
+    """config.json + safetensors -> MLAForCausalLM in eval mode, computing as `options` say.
+
+    The model is built on the meta device and the tensors read from the checkpoint become its parameters
+    (assign): the weights are in memory once, never as a state dict plus a model. dtype None keeps the checkpoint's
+    dtype (bf16 stays bf16); export asks for fp32, converted tensor by tensor as it is read."""
     cfg = MLAConfig.from_pretrained(model_dir)
     state = read_state_dict(model_dir, cfg, dtype)
     with torch.device("meta"):
         model = MLAForCausalLM(cfg, options)
-    model.to_empty(device="cpu")
-    model = model.to(dtype)
-    model.init_rope()  # not in checkpoints; to_empty left the buffers uninitialised
+    model.init_rope()  # not in checkpoints: computed on the CPU
     if cfg.tie_word_embeddings and not options.graph_weights:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_state_dict(state, strict=False)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings and not options.graph_weights:
+        model.lm_head.weight = model.model.embed_tokens.weight  # tied again: assign bound two Parameters
+    del state
+    if options.moe_op:
+        model.stack_experts()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint {model_dir} left tensors unset: {', '.join(left[:8])}")
     return model.eval()
 
 

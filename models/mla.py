@@ -51,6 +51,9 @@ class ModelOptions:
     cache_quantizer  the int8 scheme (default: per token); studies pass their own
     device_ops     for the static device graphs: norms take their mean with a MatMul instead of ReduceMean, which
                    CoreML's NeuralNetwork format lacks (the same numbers; onnxruntime's CPU fusion wants ReduceMean)
+    moe_op         for the dynamic graph: MoE layers export as onnxruntime's com.microsoft MoE op, which runs only
+                   the chosen experts (needs graph_weights and MLAForCausalLM.stack_experts after loading); PyTorch
+                   itself always computes the dense form, so parity tests compare the two
     """
 
     attention: str = "absorbed"
@@ -58,6 +61,7 @@ class ModelOptions:
     graph_weights: bool = False
     cache_quantizer: CacheQuantizer = quantize_per_token
     device_ops: bool = False
+    moe_op: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_FORMS:
@@ -66,6 +70,8 @@ class ModelOptions:
             raise InputError(f"cache dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.graph_weights and self.attention != "absorbed":
             raise InputError("graph_weights holds the absorbed weights: it needs attention='absorbed'")
+        if self.moe_op and (not self.graph_weights or self.device_ops):
+            raise InputError("moe_op is for the dynamic graph: it needs graph_weights and no device_ops")
 
 
 def empty_cache(
@@ -162,27 +168,70 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts plus always-on shared experts. Every expert runs on every token and the router's dense
-    weights (zero for unchosen experts) mix them: exact, and plain MatMuls in ONNX; a gather of the chosen experts
-    (or onnxruntime's MoE op) is the faster form for large models, not built yet."""
+    """Routed experts plus always-on shared experts.
+
+    PyTorch runs every expert on every token and mixes them with the router's dense weights (zero for unchosen
+    experts): exact, and the reference. Under ONNX export, after `stack_experts`, the routed experts become one
+    com.microsoft MoE node (onnxruntime's kernel runs only the chosen experts). The routing itself stays in plain
+    ops, since DeepSeek's group-limited and bias-corrected choices are not the op's built-in softmax top-k: the node
+    gets log(weights), -inf for unchosen experts, so its softmax over the chosen k gives weights / sum(weights), and
+    the output is scaled back by the sum."""
+
+    fc1: torch.Tensor  # (E, 2I, C): gate and up rows interleaved, onnxruntime's fused SwiGLU layout
+    fc2: torch.Tensor  # (E, C, I): down
 
     def __init__(self, cfg: MLAConfig):
         super().__init__()
+        self.k = cfg.num_experts_per_tok
         self.gate = Router(cfg)
         self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        """Copy the experts' weights into the op's two stacked tensors and make each expert's parameters views
+        into them, so that the weights are held once (each expert's own tensor is freed as it is copied)."""
+        experts = [e for e in self.experts if isinstance(e, MLP)]
+        inter, C = experts[0].gate_proj.weight.shape
+        dtype = experts[0].gate_proj.weight.dtype
+        fc1 = torch.empty(len(experts), inter, 2, C, dtype=dtype)
+        fc2 = torch.empty(len(experts), C, inter, dtype=dtype)
+        for j, e in enumerate(experts):
+            fc1[j, :, 0], fc1[j, :, 1], fc2[j] = e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight
+            e.gate_proj.weight = nn.Parameter(fc1[j, :, 0], requires_grad=False)
+            e.up_proj.weight = nn.Parameter(fc1[j, :, 1], requires_grad=False)
+            e.down_proj.weight = nn.Parameter(fc2[j], requires_grad=False)
+        self.register_buffer("fc1", fc1.view(len(experts), 2 * inter, C), persistent=False)
+        self.register_buffer("fc2", fc2, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
         mix, _ = self.gate(flat)  # (N, E)
-        experts = [e for e in self.experts if isinstance(e, MLP)]
-        gate = torch.stack([e.gate_proj.weight for e in experts])  # (E, I, C)
-        up = torch.stack([e.up_proj.weight for e in experts])
-        down = torch.stack([e.down_proj.weight for e in experts])  # (E, C, I)
-        h = F.silu(torch.einsum("nc,eic->nei", flat, gate)) * torch.einsum("nc,eic->nei", flat, up)  # (N, E, I)
-        out = torch.einsum("nei,eci,ne->nc", h, down, mix.to(h.dtype))
+        if hasattr(self, "fc1") and torch.onnx.is_in_onnx_export():
+            out = torch.onnx.ops.symbolic(
+                "com.microsoft::MoE",
+                (flat, torch.log(mix), self.fc1, None, self.fc2),
+                dict(
+                    k=self.k,
+                    activation_type="swiglu",
+                    swiglu_fusion=1,
+                    activation_alpha=1.0,
+                    activation_beta=0.0,
+                    normalize_routing_weights=0,
+                ),
+                dtype=flat.dtype,
+                shape=flat.shape,
+                version=1,
+            ) * mix.sum(-1, keepdim=True)
+        else:
+            experts = [e for e in self.experts if isinstance(e, MLP)]
+            gate = torch.stack([e.gate_proj.weight for e in experts])  # (E, I, C)
+            up = torch.stack([e.up_proj.weight for e in experts])
+            down = torch.stack([e.down_proj.weight for e in experts])  # (E, C, I)
+            h = F.silu(torch.einsum("nc,eic->nei", flat, gate)) * torch.einsum("nc,eic->nei", flat, up)  # (N,E,I)
+            out = torch.einsum("nei,eci,ne->nc", h, down, mix.to(h.dtype))
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(flat)
         return out.reshape(shape)
@@ -352,17 +401,25 @@ class MLAForCausalLM(nn.Module):
     @staticmethod
     @torch.no_grad()
     def _derive_graph_weights(module: nn.Module, incompatible_keys) -> None:
-        """After weights load: W_UK / W_UV^T from kv_b_proj, and an untied copy of a tied embedding."""
+        """After weights load: W_UK / W_UV^T from kv_b_proj, and an untied copy of a tied embedding. New tensors are
+        bound (not copied into), so this also works after load_state_dict(assign=True) into a meta-device model."""
         assert isinstance(module, MLAForCausalLM)
         for attn in module.modules():
             if isinstance(attn, MLAttention):
                 w_uk, w_uv_t = attn.split_kv_b()
-                attn.w_uk.copy_(w_uk)
-                attn.w_uv_t.copy_(w_uv_t)
+                attn.w_uk, attn.w_uv_t = w_uk.contiguous(), w_uv_t.contiguous()
         if module.cfg.tie_word_embeddings:
-            module.lm_head.weight.copy_(module.model.embed_tokens.weight)
+            module.lm_head.weight = nn.Parameter(module.model.embed_tokens.weight.clone(), requires_grad=False)
             if "lm_head.weight" in incompatible_keys.missing_keys:
                 incompatible_keys.missing_keys.remove("lm_head.weight")
+
+    def stack_experts(self) -> None:
+        """ModelOptions.moe_op: hold every MoE layer's experts in the MoE op's stacked layout (see MoE)."""
+        if not self.options.moe_op:
+            raise InputError("stack_experts is for a model built with ModelOptions(moe_op=True)")
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.stack_experts()
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
         """Final-normed hidden states (B,S,C) and the new cache; `forward` adds the LM head."""

@@ -35,6 +35,19 @@ def test_tied_embeddings(tmp_path):
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
 
 
+def test_bf16_stays_bf16_and_weights_are_held_once(tmp_path, tiny_ckpt):
+    """dtype=None keeps the stored dtype; the parameters are the tensors read from the file (assigned, not copied
+    into a second set), and nothing is left on the meta device."""
+    out = save_model(load_model(tiny_ckpt), tmp_path / "bf16", dtype="bf16")
+    kept = load_model(out, dtype=None)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert not any(t.is_meta for t in [*kept.parameters(), *kept.buffers()])
+    assert {p.dtype for p in load_model(out).parameters()} == {torch.float32}
+    m = load_model(tiny_ckpt)
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    assert len(set(ptrs)) == len(ptrs)  # every parameter its own tensor (tied ones are one parameter)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_save_roundtrip_in_each_dtype(tmp_path, tiny_ckpt, dtype):
     m = load_model(tiny_ckpt)

@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import TINY, save_hf
 
+from mla_edge.contract import InputError
 from mla_edge.models.checkpoint import load_model
 from mla_edge.models.config import ConfigError, MLAConfig
 from mla_edge.models.mla import ModelOptions
@@ -117,10 +119,52 @@ def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
     rows = [np.random.default_rng(4).integers(3, 97, 11 + 32).tolist()]
     rep = teacher_forced(model, LatentSession(tmp_path / "out", "fp32", "cpu"), rows, [11], 32)
     assert rep["max_abs_logit_diff"] <= 1e-4 and rep["top1_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "out" / "model.int8.onnx"), load_external_data=False)
+    assert [n.op_type for n in graph.graph.node if "MoE" in n.op_type] == ["QMoE"]  # int8 experts, not fp32 ones
     for precision in ("int8", "int4"):
         q = teacher_forced(model, LatentSession(tmp_path / "out", precision, "cpu"), rows, [11], 32)
         print(f"{case} {precision}: max|dlogit| {q['max_abs_logit_diff']:.3f}, top-1 {q['top1_agreement']:.2f}")
         assert np.isfinite(q["max_abs_logit_diff"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_router_fidelity_onnx_chooses_the_experts_pytorch_chooses(tmp_path, case):
+    """On every token of a prefill and 32 decode steps, every MoE layer of the fp32 graph (a com.microsoft MoE
+    node behind plain-op routing) picks exactly PyTorch's experts; near-ties are reported, none occur here."""
+    from mla_edge.export.parity import router_agreement
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    from mla_edge.runtime.session import LatentSession
+
+    kind, extra = CASES[case]
+    save_hf(moe_model(kind, extra, seed=2), tmp_path / "m")
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False)
+    export_folder(tmp_path / "m", tmp_path / "out", opts)
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in graph.graph.node if "MoE" in n.op_type] == ["MoE"]
+    model = load_model(tmp_path / "m")
+    row = np.random.default_rng(5).integers(3, 97, 13 + 32).tolist()
+    rep = router_agreement(model, LatentSession(tmp_path / "out", "fp32", "cpu"), row, 13, 32)
+    print(case, rep)
+    assert rep["tokens"] == 13 + 32 and rep["layers"] == 1 and rep["graph_picks_k"]
+    assert rep["agree"] == rep["total"]
+
+
+def test_moe_op_runs_only_in_the_graph_and_stacking_keeps_weights_once(tmp_path):
+    """moe_op: PyTorch still computes the dense reference; the experts' parameters become views into the op's
+    stacked tensors (no second copy), and the options refuse a model that cannot hold them."""
+    kind, extra = CASES["v2-greedy-shared"]
+    save_hf(moe_model(kind, extra), tmp_path / "m")
+    plain = load_model(tmp_path / "m")
+    stacked = load_model(tmp_path / "m", ModelOptions(graph_weights=True, moe_op=True))
+    moe = stacked.model.layers[1].mlp
+    assert moe.fc1.shape == (8, 2 * 12, 32) and moe.fc2.shape == (8, 32, 12)
+    assert moe.experts[3].up_proj.weight.data_ptr() == moe.fc1[3, 1].data_ptr()
+    assert torch.equal(moe.fc1[3, 0::2], plain.model.layers[1].mlp.experts[3].gate_proj.weight)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids)[0], stacked(ids)[0], atol=1e-5)
+    with pytest.raises(InputError, match="moe_op"):
+        ModelOptions(moe_op=True)
 
 
 def test_budget_counts_the_experts(tmp_path):
@@ -152,3 +196,73 @@ def test_moe_static_export_gives_the_dynamic_tokens(tmp_path):
         for p in ("dynamic", "static")
     )
     assert got == want and len(want) == 64
+
+
+def test_streaming_int8_equals_onnxruntime_quantize_dynamic(tmp_path):
+    """Big graphs are quantized tensor by tensor; the result is bit for bit what onnxruntime's quantize_dynamic
+    (plus the QMoE pass) writes, on a graph with every kind of weight: 2-D MatMul, 3-D absorbed MatMul, Gemm
+    (router, shared experts), the embedding Gather and the MoE experts."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from mla_edge.export import quantize as q
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+
+    kind, extra = CASES["v3-noaux-tc-shared"]
+    save_hf(moe_model(kind, extra), tmp_path / "m")
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False)
+    export_folder(tmp_path / "m", tmp_path / "out", opts)
+    src = tmp_path / "out" / "model.onnx"
+    q.quantize_int8(src, tmp_path / "ref.onnx")
+    q.quantize_int8_streaming(src, tmp_path / "new.onnx")
+    assert (tmp_path / "new.onnx.data").is_file()
+    ref = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "ref.onnx")).graph.initializer}
+    new = {
+        t.name: numpy_helper.to_array(t, base_dir=str(tmp_path))
+        for t in onnx.load(str(tmp_path / "new.onnx"), load_external_data=False).graph.initializer
+    }
+    quantized = [n for n in ref if n.endswith(("_quantized", "_scale", "_zero_point", "_q8"))]
+    assert len(quantized) > 30 and any("Transposed" in n for n in quantized) and any("_q8" in n for n in quantized)
+    for n in quantized:
+        assert n in new and new[n].dtype == ref[n].dtype and np.array_equal(new[n], ref[n]), n
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 97, (1, 5)), "attention_mask": np.ones((1, 8), np.int64)}
+    feeds["position_ids"] = np.arange(3, 8)[None]
+    sessions = [
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in ("ref.onnx", "new.onnx")
+    ]
+    for i in sessions[0].get_inputs()[3:]:
+        feeds[i.name] = rng.standard_normal((1, 3, i.shape[2])).astype(np.float32)
+    a, b = (s.run(None, feeds) for s in sessions)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_int4_with_external_data_loads_and_equals_the_inline_file(tmp_path):
+    """Quantized graphs past 2 GiB must keep weights outside the protobuf: the external-data writer, forced on a
+    small graph, gives a file that loads and computes exactly what the inline one does."""
+    import onnxruntime as ort
+
+    from mla_edge.export import quantize as q
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+
+    kind, extra = CASES["v2-greedy-shared"]
+    save_hf(moe_model(kind, extra), tmp_path / "m")
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False)
+    export_folder(tmp_path / "m", tmp_path / "out", opts)
+    src = tmp_path / "out" / "model.onnx"
+    q.quantize_int4(src, tmp_path / "inline.onnx", 16, external=False)
+    q.quantize_int4(src, tmp_path / "external.onnx", 16, external=True)
+    assert not (tmp_path / "inline.onnx.data").exists() and (tmp_path / "external.onnx.data").stat().st_size > 1000
+    assert (tmp_path / "external.onnx").stat().st_size < (tmp_path / "inline.onnx").stat().st_size - 1000
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(0, 97, (1, 4)),
+        "attention_mask": np.ones((1, 4), np.int64),
+        "position_ids": np.arange(4)[None],
+    }
+    outs = []
+    for f in ("inline.onnx", "external.onnx"):
+        s = ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+        cache = {i.name: np.zeros((1, 0, i.shape[2]), np.float32) for i in s.get_inputs()[3:]}
+        outs.append(s.run(None, {**feeds, **cache}))
+    assert all(np.array_equal(x, y) for x, y in zip(*outs))
