@@ -9,7 +9,9 @@ Every writer keeps weights in an external data file past EXTERNAL_DATA_BYTES (pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,36 +53,33 @@ def batched_weight_matmuls(path: Path) -> list[str]:
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Per-channel int8 for 2-D weights; the 3-D per-head weights get one scale per tensor in a second pass,
-    since onnxruntime's MatMulInteger takes per-channel parameters for 2-D weights only; MoE experts become QMoE."""
+    since onnxruntime's MatMulInteger takes per-channel parameters for 2-D weights only; MoE experts become QMoE.
+    Graphs past STREAMING_BYTES take quantize_int8_streaming, which writes the same bytes with far less memory."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if model_bytes(src) > STREAMING_BYTES:
         quantize_int8_streaming(src, dst)
         return
     batched = batched_weight_matmuls(src)
-    external = model_bytes(src) > EXTERNAL_DATA_BYTES
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=OP_TYPES,
-        per_channel=True,
-        nodes_to_exclude=batched,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=external,
-        extra_options={"MatMulConstBOnly": True},
-    )
-    if batched:
+    pre = dst.with_name(".pre-" + dst.name) if has_experts(src) else dst
+    for kw in (
+        {"src": src, "per_channel": True, "nodes_to_exclude": batched, "op_types_to_quantize": OP_TYPES},
+        {"src": pre, "per_channel": False, "nodes_to_quantize": batched, "op_types_to_quantize": ["MatMul"]},
+    ):
+        if kw.get("nodes_to_quantize") == []:
+            continue
         quantize_dynamic(
-            str(dst),
-            str(dst),
-            op_types_to_quantize=["MatMul"],
-            per_channel=False,
-            nodes_to_quantize=batched,
+            str(kw.pop("src")),
+            str(pre),
             weight_type=QuantType.QInt8,
-            use_external_data_format=external,
+            use_external_data_format=model_bytes(src) > EXTERNAL_DATA_BYTES,
             extra_options={"MatMulConstBOnly": True},
+            **kw,
         )
-    quantize_experts(dst, dst, bits=8)
+    if pre != dst:
+        quantize_experts(pre, dst, bits=8)
+        for f in pre.parent.glob(pre.name + "*"):
+            f.unlink()
 
 
 def _plain_gemm(node) -> str | None:
@@ -117,6 +116,12 @@ class _Weights:
             self.folder / info["location"], dtype, "r", int(info.get("offset", 0)), tuple(t.dims) or (1,)
         ).reshape(tuple(t.dims))
 
+    def is_float(self, name: str, ranks: tuple[int, ...]) -> bool:
+        from onnx import TensorProto
+
+        t = self.tensors.get(name)
+        return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) in ranks
+
 
 class _DataFile:
     """Appends tensors to one external data file and returns initializers that point into it."""
@@ -145,41 +150,101 @@ class _DataFile:
         self.f.close()
 
 
-def quantize_int8_streaming(src: Path, dst: Path) -> None:
-    """quantize_int8's recipe written tensor by tensor, for graphs too big for onnxruntime's quantizer (which holds
-    about 3x the fp32 weights): the same nodes quantize_dynamic writes (DynamicQuantizeLinear -> MatMulInteger ->
-    Cast -> Mul; Gather of a uint8 table -> DequantizeLinear; QMoE for experts) and the same numbers, computed with
-    onnxruntime.quantization's own quantize_data, per output column for 2-D weights and per tensor for 3-D ones.
-    Peak memory is about one weight tensor; the output's weights go to <dst>.data."""
+# A node converter for _rewrite: (node, weights, data file, new initializers) -> replacement nodes, or None to keep
+Convert = Callable[[Any, _Weights, _DataFile, list], "list | None"]
+
+
+def _rewrite(src: Path, dst: Path, convert: Convert) -> None:
+    """Stream src into dst node by node: `convert` may replace a node and add initializers; the initializers the
+    new graph still uses are copied across in slices. Every large tensor goes to <dst>.data; src may not be dst."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.quant_utils import quantize_data
 
     w = _Weights(src)
     graph = w.proto.graph
     out = _DataFile(dst.with_name(dst.name + ".data"))
-    new_inits: list = []
-    small = numpy_helper.from_array
+    inits: list = []
     nodes: list = []
+    try:
+        for node in graph.node:
+            replaced = convert(node, w, out, inits)
+            nodes.extend([node] if replaced is None else replaced)
+        used = {i for n in nodes for i in n.input}
+        for t in graph.initializer:
+            if t.name in used:
+                big = len(t.raw_data) == 0 and t.data_location == 1
+                inits.append(out.tensor(t.name, w.array(t.name)) if big else t)
+    finally:
+        out.close()
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    onnx.save_model(w.proto, str(dst))
+
+
+def _qmoe(node, w: _Weights, out: _DataFile, inits: list, bits: int, block_size: int = 0) -> list | None:
+    """A com.microsoft MoE node -> QMoE with the same routing input and attributes, the experts quantized one at a
+    time by quantize_rows (block_size where it divides the hidden and expert widths, else one scale per row)."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type != "MoE" or node.domain != "com.microsoft":
+        return None
+    hidden, width = w.tensors[node.input[4]].dims[1:]
+    block = block_size if block_size and width % block_size == 0 and hidden % block_size == 0 else 0
+    names = []
+    for k in (2, 4):
+        arr = w.array(node.input[k])
+        parts = [quantize_rows(np.asarray(arr[e : e + 1], np.float32), bits, block) for e in range(arr.shape[0])]
+        codes, scale = np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
+        del parts
+        inits += [
+            out.tensor(f"{node.input[k]}_q{bits}", codes),
+            numpy_helper.from_array(scale, f"{node.input[k]}_scale"),
+        ]
+        names += [f"{node.input[k]}_q{bits}", f"{node.input[k]}_scale", ""]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs.update(expert_weight_bits=bits, weights_prepacked=0, **({"block_size": block} if block else {}))
+    return [
+        helper.make_node("QMoE", [*node.input[:2], *names[:-1]], node.output, node.name, "", "com.microsoft", **attrs)
+    ]
+
+
+def has_experts(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "MoE" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def quantize_experts(src: Path, dst: Path, bits: int, block_size: int = 0) -> None:
+    """Every MoE node of src -> QMoE (see _qmoe), written to dst; everything else unchanged."""
+    _rewrite(src, dst, lambda node, w, out, inits: _qmoe(node, w, out, inits, bits, block_size))
+
+
+def quantize_int8_streaming(src: Path, dst: Path) -> None:
+    """quantize_int8's recipe written tensor by tensor, for graphs too big for onnxruntime's quantizer (which holds
+    about 3x the fp32 weights): the same nodes quantize_dynamic writes (DynamicQuantizeLinear -> MatMulInteger ->
+    Cast -> Mul, with Gemm as MatMul(A, B^T); Gather of a uint8 table -> DequantizeLinear; QMoE for experts) and
+    the same numbers, from onnxruntime.quantization's own quantize_data, per output column for 2-D weights and
+    per tensor for 3-D ones. Peak memory is about one weight tensor; the output's weights go to <dst>.data."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    small = numpy_helper.from_array
     activations: dict[str, tuple[str, str, str]] = {}
     done: set[str] = set()
-
-    def is_float_init(name: str, ranks: tuple[int, ...]) -> bool:
-        t = w.tensors.get(name)
-        return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) in ranks
 
     def per_tensor(arr: np.ndarray, qtype: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         zp, scale, q = quantize_data(np.asarray(arr, np.float32).reshape(-1), qtype, symmetric)
         return q.reshape(arr.shape), np.asarray(scale, np.float32), np.asarray(zp)
 
-    try:
-        for node in graph.node:
-            gemm = node.op_type == "Gemm" and is_float_init(node.input[1], (2,)) and _plain_gemm(node)
-            if gemm or (node.op_type == "MatMul" and is_float_init(node.input[1], (2, 3))):
-                name = node.input[1]
-                arr = w.array(name)
-                if gemm and _plain_gemm(node) == "transB":  # as onnxruntime does: Gemm -> MatMul(A, B^T) (+ C)
-                    name, arr = name + "_Transposed", arr.T
+    def convert(node, w: _Weights, out: _DataFile, inits: list) -> list | None:
+        gemm = node.op_type == "Gemm" and w.is_float(node.input[1], (2,)) and _plain_gemm(node)
+        if gemm or (node.op_type == "MatMul" and w.is_float(node.input[1], (2, 3))):
+            name = node.input[1]
+            arr = w.array(name)
+            if gemm == "transB":  # as onnxruntime does: Gemm -> MatMul(A, B^T) (+ C)
+                name, arr = name + "_Transposed", arr.T
+            if name not in done:
                 if arr.ndim == 2:  # per output column, symmetric int8
                     cols = np.ascontiguousarray(np.asarray(arr, np.float32).T)  # (N, K): one column per row
                     q = np.empty(cols.shape, np.int8)
@@ -191,81 +256,53 @@ def quantize_int8_streaming(src: Path, dst: Path) -> None:
                 else:
                     q, scale, zp = per_tensor(arr, TensorProto.INT8, True)
                     zp = zp.astype(np.int8)
-                if name not in done:
-                    new_inits += [out.tensor(name + "_quantized", q), small(scale, name + "_scale")]
-                    new_inits.append(small(zp, name + "_zero_point"))
-                    done.add(name)
-                a = node.input[0]
-                if a not in activations:
-                    activations[a] = (a + "_quantized", a + "_scale", a + "_zero_point")
-                    nodes.append(
-                        helper.make_node("DynamicQuantizeLinear", [a], list(activations[a]), a + "_QuantizeLinear")
-                    )
-                aq, ascale, azp = activations[a]
-                y = node.output[0]
-                if gemm and len(node.input) > 2 and node.input[2]:
-                    nodes.append(helper.make_node("Add", [y + "_nobias", node.input[2]], [y]))
-                    y += "_nobias"
-                nodes += [
-                    helper.make_node("MatMulInteger", [aq, name + "_quantized", azp, name + "_zero_point"], [y + "_q"]),
-                    helper.make_node("Cast", [y + "_q"], [y + "_cast"], to=TensorProto.FLOAT),
-                    helper.make_node("Mul", [ascale, name + "_scale"], [y + "_scales"]),
-                    helper.make_node("Mul", [y + "_cast", y + "_scales"], [y], node.name),
-                ]
-            elif node.op_type == "Gather" and is_float_init(node.input[0], (2,)):
-                name, y = node.input[0], node.output[0]
-                q, scale, zp = per_tensor(w.array(name), TensorProto.UINT8, False)
-                new_inits += [out.tensor(name + "_quantized", q.astype(np.uint8)), small(scale, name + "_scale")]
-                new_inits.append(small(zp.astype(np.uint8), name + "_zero_point"))
-                nodes += [
-                    helper.make_node("Gather", [name + "_quantized", node.input[1]], [y + "_quantized"], axis=0),
-                    helper.make_node(
-                        "DequantizeLinear", [y + "_quantized", name + "_scale", name + "_zero_point"], [y]
-                    ),
-                ]
-            elif node.op_type == "MoE" and node.domain == "com.microsoft":
-                names = []
-                for k in (2, 4):
-                    arr = w.array(node.input[k])
-                    parts = [quantize_rows(np.asarray(arr[e : e + 1], np.float32), 8) for e in range(arr.shape[0])]
-                    codes, scale = np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
-                    new_inits += [out.tensor(node.input[k] + "_q8", codes), small(scale, node.input[k] + "_scale")]
-                    names += [node.input[k] + "_q8", node.input[k] + "_scale", ""]
-                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                inits += [out.tensor(name + "_quantized", q), small(scale, name + "_scale")]
+                inits.append(small(zp, name + "_zero_point"))
+                done.add(name)
+            nodes = []
+            a = node.input[0]
+            if a not in activations:
+                activations[a] = (a + "_quantized", a + "_scale", a + "_zero_point")
                 nodes.append(
-                    helper.make_node(
-                        "QMoE",
-                        [*node.input[:2], *names[:-1]],
-                        node.output,
-                        node.name,
-                        domain="com.microsoft",
-                        **attrs,
-                        expert_weight_bits=8,
-                        weights_prepacked=0,
-                    )
+                    helper.make_node("DynamicQuantizeLinear", [a], list(activations[a]), a + "_QuantizeLinear")
                 )
-            else:
-                nodes.append(node)
-        used = {i for n in nodes for i in n.input}
-        for t in graph.initializer:  # what stays float: copied across, external ones in slices
-            if t.name in used:
-                big = len(t.raw_data) == 0 and t.data_location == 1
-                new_inits.append(out.tensor(t.name, w.array(t.name)) if big else t)
-    finally:
-        out.close()
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(new_inits)
-    onnx.save_model(w.proto, str(dst))
+            aq, ascale, azp = activations[a]
+            y = node.output[0]
+            if gemm and len(node.input) > 2 and node.input[2]:
+                nodes.append(helper.make_node("Add", [y + "_nobias", node.input[2]], [y]))
+                y += "_nobias"
+            return nodes + [
+                helper.make_node("MatMulInteger", [aq, name + "_quantized", azp, name + "_zero_point"], [y + "_q"]),
+                helper.make_node("Cast", [y + "_q"], [y + "_cast"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [ascale, name + "_scale"], [y + "_scales"]),
+                helper.make_node("Mul", [y + "_cast", y + "_scales"], [y], node.name),
+            ]
+        if node.op_type == "Gather" and w.is_float(node.input[0], (2,)):
+            name, y = node.input[0], node.output[0]
+            q, scale, zp = per_tensor(w.array(name), TensorProto.UINT8, False)
+            inits += [out.tensor(name + "_quantized", q.astype(np.uint8)), small(scale, name + "_scale")]
+            inits.append(small(zp.astype(np.uint8), name + "_zero_point"))
+            return [
+                helper.make_node("Gather", [name + "_quantized", node.input[1]], [y + "_quantized"], axis=0),
+                helper.make_node("DequantizeLinear", [y + "_quantized", name + "_scale", name + "_zero_point"], [y]),
+            ]
+        return _qmoe(node, w, out, inits, 8)
+
+    _rewrite(src, dst, convert)
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | None = None) -> None:
+    """MatMulNBits / GatherBlockQuantized through onnxruntime's MatMulNBitsQuantizer. MoE experts are turned into
+    int4 QMoE first, streaming, so that the quantizer (which holds the graph in memory) never sees them in fp32."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"int4 block size must be a power of two >= 16, got {block_size}")
+    pre = dst.with_name(".pre-" + dst.name)
+    if has_experts(src):
+        quantize_experts(src, pre, bits=4, block_size=block_size)
+        src = pre
     model = onnx.load(str(src))
     q = MatMulNBitsQuantizer(
         model,
@@ -278,8 +315,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | N
     q.process()
     del model
     save_model(q.model.model, dst, external)
-    del q
-    quantize_experts(dst, dst, bits=4, block_size=block_size, external=external)
+    for f in pre.parent.glob(pre.name + "*"):
+        f.unlink()
 
 
 def quantize_rows(w: np.ndarray, bits: int, block_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -295,45 +332,6 @@ def quantize_rows(w: np.ndarray, bits: int, block_size: int = 0) -> tuple[np.nda
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return codes, (scale if block_size else scale[..., 0]).astype(np.float32)
-
-
-def quantize_experts(src: Path, dst: Path, bits: int, block_size: int = 0, external: bool | None = None) -> int:
-    """Each com.microsoft MoE node -> a QMoE node with the same routing input and attributes, its expert weights
-    quantized by quantize_rows (block_size is used where it divides both the hidden and the expert width, else one
-    scale per row). Returns the number of nodes converted; a graph without MoE is left untouched."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    if not any(n.op_type == "MoE" for n in onnx.load(str(src), load_external_data=False).graph.node):
-        return 0
-    model = onnx.load(str(src))
-    inits = {t.name: t for t in model.graph.initializer}
-    converted = 0
-    for i, node in enumerate(model.graph.node):
-        if node.op_type != "MoE" or node.domain != "com.microsoft":
-            continue
-        fc1 = numpy_helper.to_array(inits[node.input[2]])  # (E, 2I, C)
-        fc2 = numpy_helper.to_array(inits[node.input[4]])  # (E, C, I)
-        width, hidden = fc2.shape[2], fc2.shape[1]
-        block = block_size if block_size and width % block_size == 0 and hidden % block_size == 0 else 0
-        names = []
-        for w, name in ((fc1, node.input[2]), (fc2, node.input[4])):
-            codes, scale = quantize_rows(w, bits, block)
-            model.graph.initializer.remove(inits[name])
-            model.graph.initializer.extend(
-                [numpy_helper.from_array(codes, f"{name}_q{bits}"), numpy_helper.from_array(scale, f"{name}_scale")]
-            )
-            names += [f"{name}_q{bits}", f"{name}_scale", ""]
-        del fc1, fc2
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs.update(expert_weight_bits=bits, weights_prepacked=0, **({"block_size": block} if block else {}))
-        qmoe = helper.make_node(
-            "QMoE", [*node.input[:2], *names[:-1]], node.output, name=node.name, domain="com.microsoft", **attrs
-        )
-        model.graph.node[i].CopyFrom(qmoe)
-        converted += 1
-    save_model(model, dst, external)
-    return converted
 
 
 def calibration_feeds(
