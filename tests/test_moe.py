@@ -266,3 +266,27 @@ def test_int4_with_external_data_loads_and_equals_the_inline_file(tmp_path):
         cache = {i.name: np.zeros((1, 0, i.shape[2]), np.float32) for i in s.get_inputs()[3:]}
         outs.append(s.run(None, {**feeds, **cache}))
     assert all(np.array_equal(x, y) for x, y in zip(*outs))
+
+
+def test_real_size_configs_have_the_published_parameter_counts():
+    """The real-size recipe's dimensions reproduce the published totals (DeepSeek-V2-Lite 15.7B, MiniCPM3-4B
+    4.07B), and its extrapolation is exact on costs that are linear in the layer count."""
+    from mla_edge.models.recipes.real_size import CONFIGS, extrapolate
+    from mla_edge.runtime.budget import param_count
+
+    counts = {k: param_count(MLAConfig.from_dict(v)) for k, v in CONFIGS.items()}
+    assert round(counts["deepseek-v2-lite"] / 1e8) == 157 and round(counts["minicpm3-4b"] / 1e7) == 407
+
+    def run(layers: int) -> dict:
+        cost = {"file_bytes": 10 + 3 * layers, "decode_1024_ms": 1 + 2 * layers, "peak_rss_bytes": 5 + layers}
+        return {
+            "layers": layers,
+            "fp32_weight_bytes": 7 * layers,
+            "export_peak_rss_bytes": 100 + 9 * layers,
+            "cache_bytes_per_token": 4 * layers,
+            "precisions": {"int8": cost},
+        }
+
+    full = extrapolate(run(1), run(3), 27)
+    assert full["precisions"]["int8"] == run(27)["precisions"]["int8"]
+    assert full["export_peak_rss_bytes"] == run(27)["export_peak_rss_bytes"]

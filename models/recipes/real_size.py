@@ -1,13 +1,15 @@
 """Real-size checkpoints with random weights (no download), and what exporting and running them costs.
 
 python -m mla_edge.models.recipes.real_size write  deepseek-v2-lite --layers 3 --out ckpt/v2lite-3l
-python -m mla_edge.models.recipes.real_size measure ckpt/v2lite-3l --work runs/v2lite-3l [--json]
+python -m mla_edge.models.recipes.real_size measure ckpt/v2lite-3l --work runs/v2lite-3l [--json] [--experts dense]
+python -m mla_edge.models.recipes.real_size extrapolate runs/v2lite-1l.json runs/v2lite-3l.json --layers 27
 
 `write` gives the exact dimensions of a public model's config.json, truncated to --layers (DeepSeek-V2-Lite keeps its
 first layer dense, so 3 layers = 1 dense + 2 MoE), bf16 safetensors as published, weights N(0, initializer_range).
 No tokenizer: the real ones are not on this machine. `measure` exports int8 and int4 in a fresh process (its own
 peak RSS, per stage, from the manifest), then runs each precision in a fresh process: load time, decode ms/token
-at past 1024 (median) and peak RSS. Random weights say nothing of quality; they cost what real weights cost.
+at past 1024 (median) and peak RSS. `extrapolate` draws a line through two depths to the full one. Random weights
+say nothing of quality; they cost what real weights cost (MoE routing aside: random routers spread tokens evenly).
 """
 
 from __future__ import annotations
@@ -214,6 +216,30 @@ def measure(
     return result
 
 
+def extrapolate(small: dict, big: dict, full_layers: int) -> dict:
+    """Linear in the layer count: per-layer cost = (big - small) / (layers between them), full = small + the
+    remaining layers at that cost. With DeepSeek-V2-Lite's 1 and 3 layers the per-layer cost is a MoE layer's (its
+    only dense layer is in both). An extrapolation, not a measurement: say so wherever it is shown."""
+    n = big["layers"] - small["layers"]
+    extra = full_layers - small["layers"]
+
+    def line(a: float, b: float) -> float:
+        return a + extra * (b - a) / n
+
+    out: dict[str, Any] = {
+        "layers": full_layers,
+        "from_layers": [small["layers"], big["layers"]],
+        "fp32_weight_bytes": line(small["fp32_weight_bytes"], big["fp32_weight_bytes"]),
+        "export_peak_rss_bytes": line(small["export_peak_rss_bytes"], big["export_peak_rss_bytes"]),
+        "cache_bytes_per_token": line(small["cache_bytes_per_token"], big["cache_bytes_per_token"]),
+        "precisions": {},
+    }
+    for p, b in big["precisions"].items():
+        a = small["precisions"][p]
+        out["precisions"][p] = {k: line(a[k], b[k]) for k in ("file_bytes", "decode_1024_ms", "peak_rss_bytes")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mla_edge.models.recipes.real_size", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -227,8 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--precision", nargs="+", default=["int8", "int4"])
     m.add_argument("--experts", choices=["op", "dense"], default="op", help="MoE layers as onnxruntime's op, or dense")
     m.add_argument("--json", action="store_true")
+    x = sub.add_parser("extrapolate", help="full-depth figures from two measured depths (linear in layers)")
+    x.add_argument("small", type=Path, help="measure --json output, fewer layers")
+    x.add_argument("big", type=Path, help="measure --json output, more layers")
+    x.add_argument("--layers", type=int, required=True, help="the full model's layer count")
     a = ap.parse_args(argv)
-    if a.cmd == "write":
+    if a.cmd == "extrapolate":
+        small, big = (json.loads(f.read_text()) for f in (a.small, a.big))
+        print(json.dumps(extrapolate(small, big, a.layers), indent=2))
+    elif a.cmd == "write":
         print(json.dumps(write(a.model, a.layers, a.out)))
     else:
         res = measure(a.checkpoint, a.work, tuple(a.precision), experts=a.experts)
