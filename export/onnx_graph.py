@@ -173,6 +173,12 @@ def trace(module: nn.Module, inputs: tuple, spec: dict, path: str | Path, opset:
             raise RuntimeError(f"torch.onnx.export failed: {e}\n{log.getvalue()[-2000:]}") from e
     assert program is not None  # dynamo=True always returns a program
     program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    # The program's graph outlives this call (something in torch.onnx keeps it) and its initializers wrap the
+    # module's parameters: cut them loose, or the PyTorch weights stay in memory after the caller drops the model.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.exported_program = None
+    del program
     proto = onnx.load(str(path), load_external_data=False)  # the graph only; external weights stay where they are
     name_dims(proto, spec)
     onnx.save_model(proto, str(path))

@@ -20,7 +20,7 @@ from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheCont
 # The ops we quantize. Always passed explicitly: the default list reaches ops that break attention.
 OP_TYPES = ["MatMul", "Gather"]
 EXTERNAL_DATA_BYTES = 1 << 30  # weights past ~1 GiB go to <file>.data beside the graph
-STREAMING_BYTES = 2 << 30  # fp32 graphs past 2 GiB are quantized tensor by tensor (quantize_int8_streaming)
+STREAMING_BYTES = 256 << 20  # fp32 graphs past 256 MiB are quantized tensor by tensor (quantize_int8_streaming)
 
 
 def model_bytes(path: Path) -> int:
