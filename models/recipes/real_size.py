@@ -230,7 +230,10 @@ def extrapolate(small: dict, big: dict, full_layers: int) -> dict:
         "layers": full_layers,
         "from_layers": [small["layers"], big["layers"]],
         "fp32_weight_bytes": line(small["fp32_weight_bytes"], big["fp32_weight_bytes"]),
-        "export_peak_rss_bytes": line(small["export_peak_rss_bytes"], big["export_peak_rss_bytes"]),
+        # per stage, then the largest: the stage that peaks moves with depth (a quantizer at 1 layer, loading at 62)
+        "export_peak_rss_bytes": max(
+            line(small["export_peak_rss_by_stage"][k], v) for k, v in big["export_peak_rss_by_stage"].items()
+        ),
         "cache_bytes_per_token": line(small["cache_bytes_per_token"], big["cache_bytes_per_token"]),
         "precisions": {},
     }
