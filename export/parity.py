@@ -97,8 +97,8 @@ def greedy(model_or_sess, prompt: list[int], steps: int) -> list[int]:
 
 def _graph_routes(graph: Path, session_feeds: list[dict]) -> list[np.ndarray]:
     """Run a copy of `graph` whose MoE/QMoE routing inputs are extra outputs (the copy sits in a temp folder beside
-    links to the external data files) on each feed; returns, per feed, the chosen experts (layers, tokens, E) as a
-    bool array: the finite entries of log(weights)."""
+    hard links to the external data files, or else briefly beside the graph) on each feed; returns, per feed, the
+    chosen experts (layers, tokens, E) as a bool array: the finite entries of log(weights)."""
     import os
     import tempfile
 
@@ -111,12 +111,20 @@ def _graph_routes(graph: Path, session_feeds: list[dict]) -> list[np.ndarray]:
     routes = [n.input[1] for n in proto.graph.node if n.op_type in ("MoE", "QMoE")]
     proto.graph.output.extend(onnx.ValueInfoProto(name=r) for r in routes)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in model_files(graph)[1:]:
-            os.symlink(graph.parent / name, Path(tmp) / name)
-        onnx.save_model(proto, str(Path(tmp) / graph.name))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(Path(tmp) / graph.name), so, providers=["CPUExecutionProvider"])
+        copy = Path(tmp) / graph.name
+        try:  # hard links: onnxruntime refuses external data reached through a symlink out of the model's folder
+            for name in model_files(graph)[1:]:
+                os.link(graph.parent / name, Path(tmp) / name)
+        except OSError:  # another filesystem: the copy sits beside the original for as long as it runs
+            copy = graph.parent / f".router-check-{os.getpid()}.onnx"
+        try:
+            onnx.save_model(proto, str(copy))
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(copy), so, providers=["CPUExecutionProvider"])
+        finally:
+            if copy.parent == graph.parent:
+                copy.unlink(missing_ok=True)
         out = []
         for feed in session_feeds:
             values = sess.run(routes, feed)
