@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from mla_edge import __version__
-from mla_edge.contract import CACHE_DTYPES, MANIFEST, PLAN_DTYPES, PRECISIONS, STATIC_PRECISIONS, InputError
+from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError
 from mla_edge.models import DEMO_DIR
+from mla_edge.parser import build_parser
 
 EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm"}  # what `[export]` installs
+CONVERT_MODULES = {"transformers", "gguf"}  # and what `[convert]` adds
 
 
 class UserError(InputError):
@@ -90,6 +91,35 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 # ---- convert: export, parity, demo ----------------------------------------------------------------------------------
+def cmd_convert(a: argparse.Namespace) -> int:
+    from mla_edge.models.convert import convert_checkpoint
+
+    out = Path(a.out)
+    if out.exists() and not (a.force and (out / "config.json").is_file() and (out / ".mla-edge-convert").is_file()):
+        raise UserError(
+            f"output folder {out} already exists; pass --force to replace an earlier `mla-edge convert` output"
+            if not a.force
+            else f"output folder {out} is not an earlier `mla-edge convert` output, so --force will not replace it"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {out} is not writable (no write permission on {parent})")
+    info = convert_checkpoint(
+        a.src, out, a.kv_lora_rank, a.rope_dim, a.calibration_text, windows=a.windows, window=a.window
+    )
+    if a.json:
+        _print_json(info)
+    else:
+        print(
+            f"converted {a.src} -> {out} (DeepSeek-V3 format, MLA): cache {info['cache_elements_per_token_per_layer']} "
+            f"elements/token/layer vs GQA {info['gqa_elements']} and MHA {info['mha_elements']} "
+            f"({info['vs_mha']:.1%} of MHA); calibrated on {info['calibration_tokens']} tokens"
+        )
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from mla_edge.export.pipeline import ExportOptions, export_folder
 
@@ -374,185 +404,6 @@ def cmd_budget(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---- the parser ------------------------------------------------------------------------------------------------------
-def _positive(name: str, zero_ok: bool = False) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} expects an integer, got {text!r}") from None
-        if n < 0 or (n == 0 and not zero_ok):
-            raise argparse.ArgumentTypeError(
-                f"{name} expects a {'non-negative' if zero_ok else 'positive'} integer, got {text!r}"
-            )
-        return n
-
-    return parse
-
-
-def _lengths(text: str) -> tuple[int, ...]:  # the hidden bench worker's lengths, written by `bench` itself
-    return tuple(int(x) for x in text.split(","))
-
-
-HELP = {  # the flags several commands share, and the long help texts
-    "model_dir": "Hugging Face model folder: config.json + *.safetensors (default: the embedded demo model)",
-    "out_dir": "export folder (default: the demo model's cached export, written by `mla-edge demo`)",
-    "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated)",
-    "calibration": "text for int8-qdq calibration (default for the demo model: its calibration.txt)",
-    "cache_dtype": "latent cache storage: fp32, or int8 with a per-token scale (quantized in the graph)",
-    "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
-    "nnapi, qnn",
-    "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",
-    "protocol": "auto (static for --provider qnn, else dynamic), dynamic (any batch, the cache grows) or static "
-    "(the device graphs over a fixed buffer, batch 1; needs an export made with --static-cache)",
-    "qnn_context": "compile the static graphs for this Snapdragon SoC (sm8450, sm8475, sm8550, sm8650, sm8750) into "
-    "QNN context files, so a phone skips compiling",
-    "prefill_chunk": "prefill long prompts in chunks of this many tokens (smaller: less scratch memory)",
-    "parity_dirs": "the HF model folder and its export folder; with one folder, MODEL_DIR comes from the manifest",
-    "calibrate": "measure the runtime overhead on this export (runs `mla-edge generate` at 3 contexts) instead of "
-    "using the demo model's measured calibration",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line naming it (the usage block is for --help)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mla-edge", description="MLA language models on the edge: export, run, measure.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
-    parser.add_argument("--version", action="version", version=f"mla-edge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str | None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text or argparse.SUPPRESS, description=help_text)
-        p.set_defaults(_run=fn)
-        if help_text:
-            p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
-        return p
-
-    def count(
-        p: argparse.ArgumentParser, flag: str, default: int | None, help_text: str = "", zero: bool = False
-    ) -> None:
-        p.add_argument(flag, type=_positive(flag, zero_ok=zero), default=default, help=help_text or None)
-
-    p = command("demo", cmd_demo, "run the whole pipeline on the embedded demo model: export, int8, parity, generate")
-    p.add_argument("--prompt", default="It was a dark and stormy night, and", help="prompt for the generation step")
-    count(p, "--max-new-tokens", 80)
-    p.add_argument("--refresh", action="store_true", help="export again even if a cached export exists")
-
-    p = command("info", cmd_info, "print a model's config and its cache size per token (MLA vs MHA vs GQA)")
-    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])
-    p.add_argument("--dtype", default="fp32", choices=PLAN_DTYPES, help="cache dtype for the byte counts")
-
-    p = command("export", cmd_export, "export a model to ONNX with an explicit latent cache, and quantize it")
-    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])
-    p.add_argument("-o", "--out", metavar="OUT_DIR", help="export folder to create (default: ./<model name>-onnx)")
-    p.add_argument("--quantize", nargs="+", default=["int8"], choices=["none", *PRECISIONS[1:]], help=HELP["quantize"])
-    p.add_argument("--int4-block-size", type=int, default=32, help="int4 block size (a power of two >= 16)")
-    p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
-    p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
-    p.add_argument("--no-tokenizer", action="store_true", help="export a model folder that has no tokenizer.json")
-    count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
-    count(p, "--static-chunk", 16, "tokens per static prefill chunk")
-    p.add_argument(
-        "--static-quantize",
-        nargs="+",
-        default=None,
-        choices=STATIC_PRECISIONS[1:],
-        help="static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for Qualcomm's HTP); default: int8, "
-        "plus w8a16 when there is calibration text",
-    )
-    p.add_argument("--qnn-context", metavar="SOC", help=HELP["qnn_context"])
-
-    p = command("generate", cmd_generate, "generate text from an export folder with onnxruntime (no torch)")
-    p.add_argument("args", nargs="+", metavar="[OUT_DIR] PROMPT", help=HELP["out_dir"] + "; then the prompt")
-    p.add_argument(
-        "--precision",
-        choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}),
-        help="default: int8 when the export has it (dynamic), else fp32",
-    )
-    p.add_argument("--provider", default="auto", help=HELP["provider"])
-    p.add_argument("--protocol", default="auto", choices=["auto", "dynamic", "static"], help=HELP["protocol"])
-    count(p, "--threads", None, "intra-op threads (default: physical cores)")
-    count(p, "--max-new-tokens", 128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    count(p, "--top-k", 0, "0 = off", zero=True)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    count(p, "--seed", None, "makes sampling reproducible", zero=True)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--opt-level", default="all", choices=["none", "basic", "extended", "all"])
-    p.add_argument("--optimized-cache", metavar="DIR", help="save onnxruntime's optimized graph here and reuse it")
-    p.add_argument("--no-iobinding", action="store_true", help="copy the cache through numpy each step (to compare)")
-    p.add_argument("--memory-limit", metavar="SIZE", help=HELP["memory_limit"])
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
-    count(p, "--prefill-chunk", 64, HELP["prefill_chunk"])
-
-    p = command("chat", cmd_chat, "talk with a chat model on the terminal, in its own chat template (no torch)")
-    p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help=HELP["out_dir"])
-    p.add_argument("--system", help="a system message to start the conversation with")
-    p.add_argument("--precision", choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}))
-    p.add_argument("--provider", default="auto", help=HELP["provider"])
-    p.add_argument("--protocol", default="auto", choices=["auto", "dynamic", "static"], help=HELP["protocol"])
-    count(p, "--threads", None, "intra-op threads (default: physical cores)")
-    count(p, "--max-new-tokens", 256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    count(p, "--top-k", 0, "0 = off", zero=True)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    count(p, "--seed", None, "makes sampling reproducible", zero=True)
-
-    p = command("parity", cmd_parity, "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity")
-    p.add_argument("dirs", nargs="+", metavar="[MODEL_DIR] OUT_DIR", help=HELP["parity_dirs"])
-    p.add_argument("--text", type=Path, help="text for perplexity (default: MODEL_DIR/heldout.txt when present)")
-    count(p, "--steps", 32, "teacher-forced / greedy decode steps")
-    count(p, "--ppl-tokens", 4096, "text tokens scored")
-    p.add_argument(
-        "--precision",
-        nargs="+",
-        choices=sorted({*PRECISIONS, *STATIC_PRECISIONS}),
-        help="precisions to compare (default: all)",
-    )
-    p.add_argument(
-        "--static",
-        action="store_true",
-        help="compare the static graphs on --provider with the fp32 static graphs on the CPU (no torch)",
-    )
-    p.add_argument("--provider", default="cpu", choices=["cpu", "qnn"], help="with --static: where the graphs run")
-
-    p = command("bench", cmd_bench, "measure PyTorch eager vs onnxruntime fp32/int8/int4 side by side (speed, RSS)")
-    p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help=HELP["out_dir"])
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, help="default: fp32, int8 and int4 where present")
-    count(p, "--repeats", 5, "timed repeats per measurement")
-    count(p, "--rounds", 3, "interleaved rounds over all backends")
-    count(p, "--threads", None, "threads for every backend (default: physical cores)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
-
-    p = command("budget", cmd_budget, "largest context that fits a memory budget, as MLA vs MHA/GQA, by precision")
-    p.add_argument("folder", nargs="?", metavar="MODEL_DIR|OUT_DIR", help="HF model or export folder (default: demo)")
-    p.add_argument("--memory", required=True, help="the memory budget, e.g. 512MB, 1.5GB, 300MiB")
-    count(p, "--batch", 1)
-    p.add_argument("--calibrate", action="store_true", help=HELP["calibrate"])
-    p.add_argument("--plot", metavar="FILE.png", help="draw memory against context for MHA, GQA and MLA (matplotlib)")
-    p.add_argument("--plot-weights", default="int8", choices=["fp32", "int8", "int4"])
-    p.add_argument("--plot-cache", default="fp32", choices=CACHE_DTYPES)
-
-    p = command("_bench-worker", cmd_bench_worker, None)  # hidden: one backend of `bench`, in its own process
-    p.add_argument("folder")
-    p.add_argument("backend", help="torch, or an onnxruntime precision")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--prompt-lens", type=_lengths, default=(128, 512))
-    p.add_argument("--pasts", type=_lengths, default=(128, 1024))
-    p.add_argument("--no-iobinding", action="store_true")
-    return parser
-
-
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"mla-edge: note: {message}\n"
 
@@ -560,7 +411,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(sys.modules[__name__])
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed its one line (usage + error), or --help
@@ -578,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mla-edge {args.command}: interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in EXTRA_MODULES:
+        if e.name and e.name.split(".")[0] in EXTRA_MODULES | CONVERT_MODULES:
+            extra = "export,convert" if e.name.split(".")[0] in CONVERT_MODULES else "export"
             print(
                 f"mla-edge {args.command}: error: this command needs {e.name.split('.')[0]}, which the base install "
-                "leaves out: pip install 'mla-edge[export]'",
+                f"leaves out: pip install 'mla-edge[{extra}]'",
                 file=sys.stderr,
             )
             return 2
@@ -594,5 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     # anything else is a bug in mla-edge: its traceback shows (please report it)
 
 
+def run() -> None:
+    """The console entry point. After Ctrl-C the process ends at once with 130 (streams flushed): native threads
+    that the interrupt left mid-work (onnxruntime, torch) must not turn the exit into a crash at shutdown."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

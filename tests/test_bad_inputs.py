@@ -437,5 +437,5 @@ def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and err.strip() == "mla-edge export: interrupted", err[-2000:]
+    assert p.returncode == 130 and err.strip() == "mla-edge export: interrupted", (p.returncode, err[-2000:])
     assert not out.exists() and not list(tmp_path.glob(".interrupted*"))

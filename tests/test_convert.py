@@ -1,0 +1,160 @@
+"""GQA llama -> MLA (DeepSeek-V3 format): transformers reads what we write, the export follows, bad input is named;
+and a llama GGUF reads back to the Hugging Face layout it was written from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mla_edge.models.checkpoint import load_model
+from mla_edge.models.convert import ConvertError, convert_checkpoint
+
+TEXT = " ".join(f"word{i % 37} and {i % 11} more text," for i in range(600))
+
+
+def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16):
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tf.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    src = tmp_path / "llama"
+    model.save_pretrained(src, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    (tmp_path / "calib.txt").write_text(" ".join(f"t{(i * 7) % 97}" for i in range(3000)))
+    return model, src
+
+
+def test_converted_checkpoint_is_deepseek_v3_that_transformers_and_we_read_alike(tmp_path):
+    import transformers as tf
+
+    llama, src = tiny_llama(tmp_path)
+    info = convert_checkpoint(src, tmp_path / "mla", 40, 8, tmp_path / "calib.txt", windows=4, window=64)
+    assert info["cache_elements_per_token_per_layer"] == 48 and info["mha_elements"] == 128
+    cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["q_lora_rank"] is None and cfg["first_k_dense_replace"] == 2
+    ref = tf.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "mla", attn_implementation="eager").eval()
+    ours = load_model(tmp_path / "mla")
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got, orig = ref(input_ids=ids).logits, ours(ids)[0], llama(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    # training-free, the converted model stays close to the original on random weights (not a quality claim)
+    assert (got.argmax(-1) == orig.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_converted_model_exports_and_the_graph_equals_pytorch(tmp_path):
+    from mla_edge.export.parity import teacher_forced
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    from mla_edge.runtime.session import LatentSession
+
+    _, src = tiny_llama(tmp_path)
+    convert_checkpoint(src, tmp_path / "mla", 32, 8, tmp_path / "calib.txt", windows=4, window=64)
+    export_folder(tmp_path / "mla", tmp_path / "out", ExportOptions(quantize=("int8",), progress=False))
+    model = load_model(tmp_path / "mla")
+    rows = [np.random.default_rng(4).integers(3, 97, 11 + 32).tolist()]
+    rep = teacher_forced(model, LatentSession(tmp_path / "out", "fp32", "cpu"), rows, [11], 32)
+    assert rep["max_abs_logit_diff"] <= 1e-4 and rep["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(kv_lora_rank=49), r"--kv-lora-rank must be between 1 and the non-rope key \+ value width 48"),
+        (dict(rope_dim=7), "--rope-dim must be even"),
+        (dict(rope_dim=16), "--rope-dim must be even and between 2 and head_dim - 2"),
+        (dict(calibration_text="missing.txt"), "calibration text .* not found"),
+    ],
+)
+def test_bad_conversion_options_are_named(tmp_path, kw, match):
+    _, src = tiny_llama(tmp_path)
+    args = dict(kv_lora_rank=40, rope_dim=8, calibration_text=tmp_path / "calib.txt")
+    args.update(kw)
+    with pytest.raises(ConvertError, match=match):
+        convert_checkpoint(src, tmp_path / "mla", windows=2, window=64, **args)
+    assert not (tmp_path / "mla").exists()
+
+
+def _write_gguf(path, arch: str, tensors: dict, heads: int, kv_heads: int):
+    """A llama GGUF the way llama.cpp's converter writes one: Q/K rows permuted so RoPE pairs are adjacent."""
+    import gguf
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(16)
+    w.add_vocab_size(97)
+    for name, t in tensors.items():
+        a = t.numpy().astype(np.float32)
+        if name.startswith("model.layers."):
+            i, rest = name.split(".")[2], name.split(".", 3)[3]
+            if rest == "self_attn.q_proj.weight":
+                a = permute(a, heads)
+            elif rest == "self_attn.k_proj.weight":
+                a = permute(a, kv_heads)
+            w.add_tensor(f"blk.{i}.{per_layer[rest]}", a)
+        elif name in names:
+            w.add_tensor(names[name], a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_reads_back_to_the_hugging_face_layout(tmp_path):
+    from mla_edge.models.gguf_llama import read_gguf
+
+    llama, _ = tiny_llama(tmp_path)
+    sd = {k: v for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    _write_gguf(tmp_path / "m.gguf", "llama", sd, 4, 2)
+    cfg, tensors, _ = read_gguf(tmp_path / "m.gguf")
+    assert (cfg["num_key_value_heads"], cfg["head_dim"], cfg["tie_word_embeddings"]) == (2, 16, True)
+    assert set(tensors) == set(sd)
+    for k, v in sd.items():
+        assert np.array_equal(tensors[k], v.numpy()), k  # Q/K un-permuted exactly
+    _write_gguf(tmp_path / "q.gguf", "qwen2", sd, 4, 2)
+    with pytest.raises(ConvertError, match="architecture 'qwen2'; only llama-family"):
+        read_gguf(tmp_path / "q.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConvertError, match="not a readable GGUF file"):
+        read_gguf(tmp_path / "junk.gguf")
