@@ -316,8 +316,9 @@ def _build(
             dst = tmp / MODEL_FILE[p]
             if p == "int8":
                 run_stage("quantize int8", lambda: q.quantize_int8(fp32, dst))
-            elif p == "int4":
-                run_stage("quantize int4", lambda: q.quantize_int4(fp32, dst, opts.int4_block_size))
+            elif p in ("int4", "w8a32"):
+                bits = 4 if p == "int4" else 8
+                run_stage(f"quantize {p}", partial(q.quantize_int4, fp32, dst, opts.int4_block_size, None, bits))
             else:
                 text = Path(calib).read_text(encoding="utf-8")  # type: ignore[arg-type]  # checked before
                 run_stage(
@@ -343,8 +344,9 @@ def _build(
         for p in files:
             if ort_ok.get(p):
                 files[p]["ort"] = {**file_entry(tmp, p, [ort_name(MODEL_FILE[p])])["files"][0], **ort_target()}
-        if "int4" in files:
-            files["int4"]["block_size"] = opts.int4_block_size
+        for p in ("int4", "w8a32"):
+            if p in files:
+                files[p]["block_size"] = opts.int4_block_size
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

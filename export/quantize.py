@@ -3,6 +3,8 @@
 int8      dynamic, per-channel int8 weights on MatMul and Gather (the embedding); activations quantized at run time.
 int4      weight-only MatMulNBits (and GatherBlockQuantized for the embedding), symmetric, configurable block size.
 int8-qdq  static QDQ calibrated on prefill and decode steps of a text: the format NPU execution providers want.
+w8a32     weight-only int8 by blocks (MatMulNBits bits=8), fp32 activations: int8's size without quantizing
+          activations, which real LLMs' outlier activations do not survive (see the README's convert section).
 MoE experts (com.microsoft MoE nodes) become QMoE nodes: int8 with one scale per row, or int4 by blocks.
 Every writer keeps weights in an external data file past EXTERNAL_DATA_BYTES (protobuf caps a file at 2 GiB).
 """
@@ -291,9 +293,10 @@ def quantize_int8_streaming(src: Path, dst: Path) -> None:
     _rewrite(src, dst, convert)
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | None = None) -> None:
-    """MatMulNBits / GatherBlockQuantized through onnxruntime's MatMulNBitsQuantizer. MoE experts are turned into
-    int4 QMoE first, streaming, so that the quantizer (which holds the graph in memory) never sees them in fp32."""
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | None = None, bits: int = 4) -> None:
+    """MatMulNBits / GatherBlockQuantized through onnxruntime's MatMulNBitsQuantizer (bits=8: w8a32, int8 weights
+    by blocks with fp32 activations). MoE experts are turned into QMoE first, streaming, so that the quantizer
+    (which holds the graph in memory) never sees them in fp32."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -301,12 +304,12 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | N
         raise InputError(f"int4 block size must be a power of two >= 16, got {block_size}")
     pre = dst.with_name(".pre-" + dst.name)
     if has_experts(src):
-        quantize_experts(src, pre, bits=4, block_size=block_size)
+        quantize_experts(src, pre, bits=bits, block_size=block_size)
         src = pre
     model = onnx.load(str(src))
     q = MatMulNBitsQuantizer(
         model,
-        bits=4,
+        bits=bits,
         block_size=block_size,
         is_symmetric=True,
         op_types_to_quantize=tuple(OP_TYPES),
