@@ -160,3 +160,27 @@ def test_gguf_reads_back_to_the_hugging_face_layout(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ConvertError, match="not a readable GGUF file"):
         read_gguf(tmp_path / "junk.gguf")
+
+
+def test_healing_trains_only_the_new_attention_and_resumes(tmp_path):
+    import lzma
+
+    from mla_edge.models.recipes import heal
+
+    _, src = tiny_llama(tmp_path)
+    convert_checkpoint(src, tmp_path / "mla", 32, 8, tmp_path / "calib.txt", windows=4, window=64)
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for split, seed in (("train", 1), ("valid", 2)):
+        words = np.random.default_rng(seed).integers(0, 97, 4000)
+        with lzma.open(data / f"{split}.txt.xz", "wt") as f:
+            f.write(" ".join(f"t{w}" for w in words))
+    args = ["--teacher", str(src), "--student", str(tmp_path / "mla"), "--data", str(data), "--out", str(tmp_path / "h")]
+    args += ["--seq", "32", "--batch", "2", "--save-every", "1"]
+    assert heal.main([*args, "--tokens", "128"]) == 0  # 2 steps
+    assert heal.main([*args, "--tokens", "256", "--resume"]) == 0  # 2 more, from the saved state
+    log = json.loads((tmp_path / "h" / "heal_log.json").read_text())
+    assert [p["step"] for p in log["points"]] == [1, 2, 3, 4]
+    before, after = load_model(tmp_path / "mla"), load_model(tmp_path / "h" / "model")
+    changed = {n for (n, p), q in zip(before.named_parameters(), after.parameters()) if not torch.equal(p, q)}
+    assert changed and all(any(f".self_attn.{t}." in n for t in heal.TRAINED) for n in changed)
