@@ -175,8 +175,8 @@ def test_healing_trains_only_the_new_attention_and_resumes(tmp_path):
         words = np.random.default_rng(seed).integers(0, 97, 4000)
         with lzma.open(data / f"{split}.txt.xz", "wt") as f:
             f.write(" ".join(f"t{w}" for w in words))
-    args = ["--teacher", str(src), "--student", str(tmp_path / "mla"), "--data", str(data), "--out", str(tmp_path / "h")]
-    args += ["--seq", "32", "--batch", "2", "--save-every", "1"]
+    args = ["--teacher", str(src), "--student", str(tmp_path / "mla"), "--data", str(data)]
+    args += ["--out", str(tmp_path / "h"), "--seq", "32", "--batch", "2", "--save-every", "1"]
     assert heal.main([*args, "--tokens", "128"]) == 0  # 2 steps
     assert heal.main([*args, "--tokens", "256", "--resume"]) == 0  # 2 more, from the saved state
     log = json.loads((tmp_path / "h" / "heal_log.json").read_text())
