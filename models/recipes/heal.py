@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     ap = argparse.ArgumentParser(prog="python -m mla_edge.models.recipes.heal", description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", type=Path, required=True, help="the original (GQA) Hugging Face llama folder")
+    ap.add_argument("--teacher", type=Path, required=True, help="the original (GQA) llama: .gguf or HF folder")
     ap.add_argument("--student", type=Path, required=True, help="the converted MLA folder (mla-edge convert)")
     ap.add_argument("--data", type=Path, required=True, help="corpus folder with train.txt.xz and valid.txt.xz")
     ap.add_argument("--out", type=Path, required=True)
@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tok = Tokenizer.from_file(str(a.student / "tokenizer.json"))
     train = np.asarray(tok.encode(read_corpus(a.data, "train")[:4_000_000]).ids, np.int32)
     valid = np.asarray(tok.encode(read_corpus(a.data, "valid")[:200_000]).ids, np.int32)
+    if a.teacher.suffix == ".gguf":  # dequantized once into OUT/teacher (a Hugging Face llama folder)
+        from ..gguf_llama import write_hf_folder
+
+        if not (a.out / "teacher" / "config.json").is_file():
+            write_hf_folder(a.teacher, a.out / "teacher")
+        a.teacher = a.out / "teacher"
     teacher = tf.LlamaForCausalLM.from_pretrained(a.teacher, attn_implementation="sdpa").eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
