@@ -280,6 +280,8 @@ def convert_checkpoint(
     calibration_text = Path(calibration_text)
     if not calibration_text.is_file():
         raise ConvertError(f"calibration text {calibration_text} not found (pass --calibration-text FILE)")
+    if not src.exists():
+        raise ConvertError(f"{src} not found (a llama .gguf file or Hugging Face llama folder)")
     files: dict[str, str] = {}
     if src.suffix == ".gguf" and src.is_file():
         cfg, arrays, reader = read_gguf(src)

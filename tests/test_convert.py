@@ -85,14 +85,15 @@ def test_converted_model_exports_and_the_graph_equals_pytorch(tmp_path):
         (dict(rope_dim=7), "--rope-dim must be even"),
         (dict(rope_dim=16), "--rope-dim must be even and between 2 and head_dim - 2"),
         (dict(calibration_text="missing.txt"), "calibration text .* not found"),
+        (dict(src="nowhere.gguf"), "nowhere.gguf not found"),
     ],
 )
 def test_bad_conversion_options_are_named(tmp_path, kw, match):
     _, src = tiny_llama(tmp_path)
-    args = dict(kv_lora_rank=40, rope_dim=8, calibration_text=tmp_path / "calib.txt")
+    args = dict(src=src, kv_lora_rank=40, rope_dim=8, calibration_text=tmp_path / "calib.txt")
     args.update(kw)
     with pytest.raises(ConvertError, match=match):
-        convert_checkpoint(src, tmp_path / "mla", windows=2, window=64, **args)
+        convert_checkpoint(out=tmp_path / "mla", windows=2, window=64, **args)
     assert not (tmp_path / "mla").exists()
 
 
