@@ -224,7 +224,9 @@ def save_ort_format(src: Path, dst: Path) -> bool:
     models past 1.9 GB (a FlatBuffer holds 2 GiB at most)."""
     import onnxruntime as ort
 
-    if sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.9e9:
+    from .quantize import model_bytes
+
+    if model_bytes(src) > 1.9e9:
         return False
 
     so = ort.SessionOptions()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mla_edge.contract import InputError
+from mla_edge.contract import InputError, kv_elements
 
 
 class ConvertError(InputError):
@@ -229,22 +229,15 @@ def convert_state(
     return out
 
 
-def cache_elements(kv_lora_rank: int, rope_dim: int) -> int:
-    return kv_lora_rank + rope_dim
-
-
-def mha_elements(shape: LlamaShape) -> int:
-    return 2 * shape.heads * shape.head_dim
-
-
 def summary(shape: LlamaShape, kv_lora_rank: int, rope_dim: int) -> dict:
-    mla = cache_elements(kv_lora_rank, rope_dim)
+    mla, d = kv_lora_rank + rope_dim, shape.head_dim
+    mha = kv_elements(shape.heads, d, d)
     return {
         "cache_elements_per_token_per_layer": mla,
-        "gqa_elements": 2 * shape.kv_heads * shape.head_dim,
-        "mha_elements": mha_elements(shape),
-        "vs_mha": mla / mha_elements(shape),
-        "rope_theta": shape.theta ** (rope_dim / shape.head_dim),
+        "gqa_elements": kv_elements(shape.kv_heads, d, d),
+        "mha_elements": mha,
+        "vs_mha": mla / mha,
+        "rope_theta": shape.theta ** (rope_dim / d),
     }
 
 
@@ -315,7 +308,8 @@ def convert_checkpoint(
     llama.model.rotary_emb = type(llama.model.rotary_emb)(llama_cfg)  # its buffers were on the meta device
     llama.eval()
     ids = tok.encode(calibration_text.read_text(encoding="utf-8")).ids
-    inputs = attention_inputs(llama, calibration_windows(ids, windows, window))
+    calib = calibration_windows(ids, windows, window)
+    inputs = attention_inputs(llama, calib)
     new = convert_state(llama.state_dict(), inputs, shape, kv_lora_rank, rope_dim)
     if cfg.get("tie_word_embeddings"):
         new.pop("lm_head.weight", None)
@@ -332,6 +326,6 @@ def convert_checkpoint(
     return {
         "source": str(src),
         "out": str(out),
-        "calibration_tokens": sum(len(w) for w in calibration_windows(ids, windows, window)),
+        "calibration_tokens": sum(len(w) for w in calib),
         **summary(shape, kv_lora_rank, rope_dim),
     }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_model
 from ..mla import ModelOptions
-from .train import batch, lr_at, read_corpus, save_state
+from .train import batch, evaluate, lr_at, read_corpus, save_state
 
 TRAINED = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 
@@ -77,15 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((state / "state.json").read_text())
         step, log = saved["step"], saved["log"]
 
-    @torch.no_grad()
-    def held_out() -> float:
-        rng = np.random.default_rng(99)
-        total = 0.0
-        for _ in range(4):
-            x, y = batch(valid, rng, 2, a.seq)
-            total += F.cross_entropy(student(x)[0].flatten(0, 1), y.flatten()).item()
-        return total / 4
-
     rng = np.random.default_rng(step)
     student.train()
     t0 = time.time()
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         "step": step,
                         "tokens": step * a.seq * a.batch,
                         "kl": loss.item(),
-                        "valid_ce": held_out(),
+                        "valid_ce": evaluate(student, valid, 2, a.seq, 4),
                         "seconds": time.time() - t0,
                     }
                 )

@@ -153,10 +153,6 @@ def write(name: str, layers: int, out: Path, seed: int = 0) -> dict:
     return {"model": name, "layers": layers, "params": total // 2, "out": str(out)}
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mla_edge.cli", *args]
-
-
 EXPORT = (
     "import sys; from pathlib import Path; from mla_edge.export.pipeline import ExportOptions, export_folder; "
     "export_folder(Path(sys.argv[1]), Path(sys.argv[2]), ExportOptions(quantize=tuple(sys.argv[4:]), "
@@ -169,6 +165,8 @@ def measure(
 ) -> dict:
     """Export (fresh process) and run each precision (fresh process each); no torch is imported here. experts:
     "op" (onnxruntime's MoE/QMoE, the default export) or "dense" (every expert runs), to compare the two."""
+    from mla_edge.runtime.memory import cli_command
+
     export = work / "export"
     r = subprocess.run(
         [sys.executable, "-c", EXPORT, str(ckpt), str(export), experts, *precisions], capture_output=True, text=True
@@ -198,7 +196,9 @@ def measure(
     }
     for p in ("fp32", *precisions):
         w = subprocess.run(
-            _cli("_bench-worker", str(export), p, "--repeats", str(repeats), "--prompt-lens", "128", "--pasts", "1024"),
+            cli_command(
+                "_bench-worker", str(export), p, "--repeats", str(repeats), "--prompt-lens", "128", "--pasts", "1024"
+            ),
             capture_output=True,
             text=True,
         )
