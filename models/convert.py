@@ -319,7 +319,8 @@ def convert_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, text in files.items():
             (tmp / name).write_text(text)
-        (tmp / ".mla-edge-convert").write_text(json.dumps({"source": str(src)}) + "\n")  # what --force may replace
+        marker = {"source": str(src), **summary(shape, kv_lora_rank, rope_dim)}
+        (tmp / ".mla-edge-convert").write_text(json.dumps(marker) + "\n")  # what --force may replace
         if "generation_config.json" not in files:
             gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

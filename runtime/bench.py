@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 from mla_edge.contract import InputError
 
 from .manifest import Manifest
-from .memory import cli_command, peak_rss_bytes, run_generate
+from .memory import cli_command, peak_rss_bytes, rss_bytes, run_generate
 
 WORKER = "_bench-worker"  # the hidden CLI command that measures one backend
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[Any, Any]]
@@ -114,6 +114,7 @@ def measure_ort(
     from .session import LatentSession
     from .static import StaticSession
 
+    before = rss_bytes()
     t = time.perf_counter()
     static = precision.startswith("static-")
     sess: LatentSession | StaticSession
@@ -124,7 +125,16 @@ def measure_ort(
     load = time.perf_counter() - t
     step = sess.step_bound if iobinding else sess.step
     res = measure(step, sess.empty_cache, sess.vocab_size, repeats, prompt_lens=prompt_lens, pasts=pasts)
-    emit({"backend": f"ort-{precision}", "iobinding": iobinding and not static, "load_s": load, **res})
+    emit(
+        {
+            "backend": f"ort-{precision}",
+            "iobinding": iobinding and not static,
+            "load_s": load,
+            "rss_before_load_bytes": before,
+            "cache_bytes_per_token": sess.manifest.data.get("cache", {}).get("bytes_per_token"),
+            **res,
+        }
+    )
 
 
 def _run_worker(cmd: list[str]) -> dict:
@@ -168,6 +178,7 @@ def run_bench(
     prompt_lens: tuple[int, ...] = PROMPT_LENS,
     pasts: tuple[int, ...] = PASTS,
     rounds: int = 3,
+    peers: Sequence[tuple[str, Path]] = (),
 ) -> dict:
     """Backends run round-robin, `rounds` times each, so that a slow spell of a shared machine hits all of them."""
     out_dir = Path(out_dir)
@@ -202,6 +213,15 @@ def run_bench(
     if static and static["capacity"] >= longest + 1:  # the static graphs, where their buffer holds the benchmark
         for p in [p for p in ("fp32", "int8") if p in static["files"] and p in precisions]:
             jobs.append((f"ort-static-{p}", cli_command(WORKER, str(out_dir), f"static-{p}", *common)))
+    notes = {}
+    for peer, path in peers:
+        from .peers import missing
+
+        name = f"{peer} ({path.name})"
+        if hint := missing(peer):
+            notes[name] = hint
+        else:
+            jobs.append((name, cli_command(WORKER, str(path), f"peer-{peer}", *common)))
     runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     for k in range(rounds):
         for name, cmd in jobs:
@@ -213,9 +233,10 @@ def run_bench(
         row: dict[str, Any] = _median_rows(runs[name])
         row["name"] = name
         rows.append(row)
+    rows += [{"name": name, "note": note} for name, note in notes.items()]
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
     for r in rows:
-        if base:
+        if base and "note" not in r:
             for past in pasts:
                 r[f"decode_{past}_speedup_vs_torch"] = base[f"decode_{past}_ms"] / r[f"decode_{past}_ms"]
             for n in prompt_lens:
@@ -277,6 +298,9 @@ def format_report(rep: dict) -> str:
     cols += [
         (f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"),
         ("peak RSS MB", "peak_rss_bytes", None),
+        ("RSS pre-load MB", "rss_before_load_bytes", None),
+        ("cache B/token", "cache_bytes_per_token", "{:,.0f}"),
+        ("model MB", "model_bytes", None),
     ]
     lines = [
         f"bench: {rep['export_dir']} ({rep['machine']}; batch 1; medians of {rep['repeats']} repeats x "
@@ -284,10 +308,13 @@ def format_report(rep: dict) -> str:
         "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols),
     ]
     for r in rep["rows"]:
+        if "note" in r:
+            lines.append(f"  {r['name']:26s}   {r['note']}")
+            continue
         cells = []
         for _, key, fmt in cols:
             v = r.get(key)
-            cells.append("-" if v is None else f"{v / 2**20:,.0f}" if fmt is None else fmt.format(v))
+            cells.append("-" if v is None else f"{v / 2**20:,.1f}" if fmt is None else fmt.format(v))
         lines.append("  " + f"{r['name']:26s}" + "".join(f"{c:>17s}" for c in cells))
     for name, t in rep["targets"].items():
         if "target" in t:

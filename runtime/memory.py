@@ -44,6 +44,15 @@ def peak_rss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def cli_command(*args: str) -> list[str]:
     """The `mla-edge` command line with this interpreter, for a fresh process."""
     return [sys.executable, "-m", "mla_edge.cli", *args]

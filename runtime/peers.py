@@ -1,0 +1,134 @@
+"""Peers for `mla-edge bench --vs`: other runtimes measured by the same `bench.measure` loop, each in its own worker
+process, so that their numbers sit beside ours from one run.
+
+  genai=FOLDER      an onnxruntime-genai model folder (genai_config.json), e.g. what its model builder writes
+  llama.cpp=FILE    a GGUF run by llama.cpp through llama-cpp-python (f32 KV cache, flash attention off)
+
+A peer whose package is missing is a row that says what to pip install, not an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mla_edge.contract import InputError
+
+from .memory import rss_bytes
+
+PEERS = {  # name -> (module, how to install it)
+    "genai": ("onnxruntime_genai", "pip install onnxruntime-genai"),
+    "llama.cpp": ("llama_cpp", "pip install llama-cpp-python (builds llama.cpp from source: ~14 min on 2 cores)"),
+}
+
+
+def parse_vs(spec: str) -> tuple[str, Path]:
+    """`NAME=PATH` -> (name, path); one clear line for an unknown peer or a missing path."""
+    name, _, path = spec.partition("=")
+    if name not in PEERS:
+        raise InputError(f"--vs {spec}: unknown peer {name!r} (known: {', '.join(PEERS)}; write NAME=PATH)")
+    if not path:
+        what = "an onnxruntime-genai folder" if name == "genai" else "a .gguf file"
+        raise InputError(f"--vs {spec}: give the peer's model as {name}=PATH ({what})")
+    if not Path(path).exists():
+        raise InputError(f"--vs {spec}: {path} not found")
+    if name == "genai" and not (Path(path) / "genai_config.json").is_file():
+        raise InputError(f"--vs {spec}: {path} has no genai_config.json (not an onnxruntime-genai folder)")
+    return name, Path(path)
+
+
+def missing(name: str) -> str | None:
+    """The install hint when the peer's package is not importable here, else None."""
+    module, hint = PEERS[name]
+    return None if importlib.util.find_spec(module) else f"not installed: {hint}"
+
+
+def genai_cache_bytes_per_token(folder: Path) -> int:
+    """K and V of every layer's KV heads, in the dtype the graph's past inputs have."""
+    import onnx
+
+    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    graph = onnx.load(str(folder / dec["filename"]), load_external_data=False).graph
+    first = dec["inputs"]["past_key_names"] % 0
+    elem = next(i.type.tensor_type.elem_type for i in graph.input if i.name == first)
+    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
+    return 2 * dec["num_key_value_heads"] * dec["head_size"] * dec["num_hidden_layers"] * item
+
+
+def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
+    """onnxruntime-genai's own Model/Generator: append_tokens runs the model on given ids, as our step does."""
+    import onnxruntime_genai as og
+
+    from .bench import measure
+    from .session import physical_cores
+
+    before = rss_bytes()
+    threads = threads or physical_cores()
+    t = time.perf_counter()
+    config = og.Config(folder)
+    # genai_config.json's own session option, overlaid
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    load = time.perf_counter() - t
+    dec = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
+    vocab = dec["vocab_size"]
+    longest = max(kw["prompt_lens"]) + max(kw["pasts"]) + 64
+
+    def empty(batch: int) -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=longest, do_sample=False)
+        return og.Generator(model, params)
+
+    def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, gen: Any) -> tuple[Any, Any]:
+        gen.append_tokens(ids.astype(np.int32))
+        return np.asarray(gen.get_logits()).reshape(1, -1, vocab), gen
+
+    res = measure(step, empty, vocab, **kw)
+    return {
+        "backend": "genai",
+        "load_s": load,
+        "rss_before_load_bytes": before,
+        "cache_bytes_per_token": genai_cache_bytes_per_token(Path(folder)),
+        "model_bytes": sum(f.stat().st_size for f in Path(folder).glob("*.onnx*")),
+        **res,
+    }
+
+
+def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
+    """llama.cpp through llama-cpp-python: eval() runs the model on given ids and keeps its own KV cache."""
+    import llama_cpp
+
+    from .bench import measure
+    from .session import physical_cores
+
+    before = rss_bytes()
+    threads = threads or physical_cores()
+    ctx = max(kw["prompt_lens"]) + max(kw["pasts"]) + 64
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(
+        gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, flash_attn=False, type_k=0, type_v=0, verbose=False
+    )  # ggml type 0 = f32 cache
+    load = time.perf_counter() - t
+    vocab = llm.n_vocab()
+
+    def empty(batch: int) -> Any:
+        llm.reset()
+        return None
+
+    def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, state: Any) -> tuple[Any, Any]:
+        llm.eval(ids[0].tolist())
+        return np.asarray(llm.scores[llm.n_tokens - 1]).reshape(1, 1, vocab), state
+
+    res = measure(step, empty, vocab, **kw)
+    return {
+        "backend": "llama.cpp",
+        "load_s": load,
+        "rss_before_load_bytes": before,
+        "model_bytes": Path(gguf).stat().st_size,
+        **res,
+    }
