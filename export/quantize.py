@@ -312,7 +312,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | N
         bits=bits,
         block_size=block_size,
         is_symmetric=True,
-        op_types_to_quantize=tuple(OP_TYPES),
+        op_types_to_quantize=tuple(OP_TYPES) if bits == 4 else ("MatMul",),  # its Gather takes 4 bits only
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     q.process()

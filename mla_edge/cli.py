@@ -147,6 +147,20 @@ def cmd_export(a: argparse.Namespace) -> int:
         qnn_context=a.qnn_context,
         require_tokenizer=not a.no_tokenizer,
     )
+    if a.format == "gguf":
+        if a.cache_dtype != "fp32":
+            raise UserError("--format gguf with --cache-dtype int8: a GGUF cannot say an int8 latent cache")
+        from mla_edge.contract import MANIFEST
+        from mla_edge.export.gguf_file import add_gguf
+
+        if not (out / MANIFEST).is_file():  # the GGUF sits beside an export, listed in its manifest
+            export_folder(model_dir, out, opts)
+        entry = add_gguf(model_dir, out, a.gguf_type, a.force)
+        if a.json:
+            _print_json(entry)
+        else:
+            print(f"wrote {out / entry['path']} ({entry['bytes'] / 1e6:.2f} MB, sha256 {entry['sha256'][:12]})")
+        return 0
     manifest = export_folder(model_dir, out, opts)
     if a.json:
         _print_json(manifest)

@@ -115,6 +115,13 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
     p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "gguf"],
+        help="gguf: also write model.<type>.gguf (deepseek2, for llama.cpp) into OUT_DIR, listed in its manifest",
+    )
+    p.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
     p.add_argument("--no-tokenizer", action="store_true", help="export a model folder that has no tokenizer.json")
     count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
     count(p, "--static-chunk", 16, "tokens per static prefill chunk")

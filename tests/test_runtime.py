@@ -255,6 +255,28 @@ def test_bench_runs_and_reports(text_export):
         run_bench(text_export[1], ["int8"], repeats=1)
 
 
+def test_bench_peer_that_is_not_installed_is_a_row_not_an_error(text_export, monkeypatch):
+    from mla_edge.runtime import peers
+    from mla_edge.runtime.bench import format_report, run_bench
+
+    monkeypatch.setattr(peers, "missing", lambda name: f"not installed: {peers.PEERS[name][1]}")
+    rep = run_bench(
+        text_export[1],
+        ["int8"],
+        1,
+        with_torch=False,
+        prompt_lens=(16,),
+        pasts=(8,),
+        rounds=1,
+        peers=[("llama.cpp", text_export[1] / "model.gguf")],
+    )
+    assert rep["rows"][-1] == {
+        "name": "llama.cpp (model.gguf)",
+        "note": f"not installed: {peers.PEERS['llama.cpp'][1]}",
+    }
+    assert "not installed: pip install llama-cpp-python" in format_report(rep)
+
+
 def test_generate_memory_limit_errors(text_export, capsys):
     from mla_edge.runtime.memory import mechanism
 
