@@ -63,6 +63,7 @@ class ExportOptions:
     require_tokenizer: bool = True  # refuse a model folder without a readable tokenizer.json (--no-tokenizer: allow)
     qnn_context: str | None = None  # compile the static graphs for this Snapdragon SoC (sm8650, ...): EPContext files
     moe_op: bool = True  # MoE layers as onnxruntime's MoE/QMoE op (only chosen experts run), else dense plain ops
+    smooth: float | None = None  # smooth activation outliers into the weights (alpha) before export: models/smooth.py
 
 
 def is_export(folder: Path) -> bool:
@@ -165,6 +166,13 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             "or pass --no-tokenizer to export a model that takes token ids only"
         )
     calib = opts.calibration_text
+    if opts.smooth is not None:
+        if not 0.0 < opts.smooth < 1.0:
+            raise ExportError(f"--smooth must be between 0 and 1 (SmoothQuant's alpha; 0.5 is usual): {opts.smooth}")
+        if calib is None or not Path(calib).is_file():
+            raise ExportError("--smooth measures activations on text: pass --calibration-text FILE")
+        if not tokenizer.is_file():
+            raise ExportError(f"--smooth needs {tokenizer} to tokenize the calibration text")
     if "int8-qdq" in wanted:
         if calib is None:
             raise ExportError("int8-qdq needs calibration text: pass --calibration-text FILE")
@@ -259,6 +267,20 @@ def static_calibration_feeds(
     return session.recorded
 
 
+def _smooth(model: Any, tokenizer: Path, calib: Path, alpha: float, windows: int = 8, length: int = 512) -> dict:
+    """SmoothQuant-style smoothing of the loaded model on `windows` windows of the calibration text."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from mla_edge.models.convert import calibration_windows
+    from mla_edge.models.smooth import smooth
+
+    ids = Tokenizer.from_file(str(tokenizer)).encode(Path(calib).read_text(encoding="utf-8")).ids
+    length = min(length, len(ids))
+    with torch.inference_mode(False):
+        return smooth(model, calibration_windows(ids, windows, length), alpha) | {"text": Path(calib).name}
+
+
 def _build(
     model_dir: Path,
     tmp: Path,
@@ -281,6 +303,7 @@ def _build(
 
     stages = [
         "load",
+        *(["smooth"] if opts.smooth is not None else []),
         "export fp32",
         *(["static graphs"] if opts.static_cache else []),
         *[f"quantize {p}" for p in wanted],
@@ -304,6 +327,9 @@ def _build(
             attention="absorbed", cache_dtype=opts.cache_dtype, graph_weights=True, moe_op=cfg.is_moe and opts.moe_op
         )
         model = run_stage("load", lambda: load_model(model_dir, options))
+        smoothing = None
+        if opts.smooth is not None:
+            smoothing = run_stage("smooth", partial(_smooth, model, tokenizer, Path(calib or ""), opts.smooth))
         weight_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
         fp32 = run_stage("export fp32", partial(export_onnx, model, tmp / MODEL_FILE["fp32"], opts.opset))
         contract = CacheContract.from_config(cfg, opts.cache_dtype)
@@ -370,6 +396,8 @@ def _build(
         }
         if static:
             manifest["static"] = static
+        if smoothing:
+            manifest["smoothing"] = smoothing
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         bar.update(1)
     return manifest

@@ -146,16 +146,24 @@ def cmd_export(a: argparse.Namespace) -> int:
         ),
         qnn_context=a.qnn_context,
         require_tokenizer=not a.no_tokenizer,
+        smooth=a.smooth,
     )
-    if a.format == "gguf":
+    if a.format != "onnx":  # a GGUF or a genai graph sits beside an export, listed in its manifest
         if a.cache_dtype != "fp32":
-            raise UserError("--format gguf with --cache-dtype int8: a GGUF cannot say an int8 latent cache")
+            raise UserError(f"--format {a.format} with --cache-dtype int8: {a.format} cannot keep an int8 latent cache")
         from mla_edge.contract import MANIFEST
-        from mla_edge.export.gguf_file import add_gguf
 
-        if not (out / MANIFEST).is_file():  # the GGUF sits beside an export, listed in its manifest
+        if not (out / MANIFEST).is_file():
             export_folder(model_dir, out, opts)
-        entry = add_gguf(model_dir, out, a.gguf_type, a.force)
+        if a.format == "gguf":
+            from mla_edge.export.gguf_file import add_gguf
+
+            entry = add_gguf(model_dir, out, a.gguf_type, a.force)
+        else:
+            from mla_edge.export.genai_folder import write_genai
+
+            write_genai(out, a.genai_precision, a.force)
+            entry = json.loads((out / MANIFEST).read_text())["genai"][a.genai_precision]
         if a.json:
             _print_json(entry)
         else:

@@ -118,10 +118,19 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="onnx",
-        choices=["onnx", "gguf"],
-        help="gguf: also write model.<type>.gguf (deepseek2, for llama.cpp) into OUT_DIR, listed in its manifest",
+        choices=["onnx", "gguf", "genai"],
+        help="gguf: also write model.<type>.gguf (deepseek2, for llama.cpp) into OUT_DIR; genai: also make OUT_DIR an "
+        "onnxruntime-genai folder (genai_config.json + a graph with genai's cache names); both listed in the manifest",
     )
+    p.add_argument("--genai-precision", default="fp32", choices=PRECISIONS, help="the graph genai_config.json names")
     p.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+    p.add_argument(
+        "--smooth",
+        type=float,
+        metavar="ALPHA",
+        help="move activation outliers into the weights before export (SmoothQuant, alpha 0.5 usual; needs "
+        "--calibration-text): dynamic int8 then keeps real LLMs' quality",
+    )
     p.add_argument("--no-tokenizer", action="store_true", help="export a model folder that has no tokenizer.json")
     count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
     count(p, "--static-chunk", 16, "tokens per static prefill chunk")

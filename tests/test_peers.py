@@ -1,6 +1,7 @@
-"""GGUF export for llama.cpp (deepseek2): every tensor read back with `gguf` against our weights, the rope rows
-permuted into llama.cpp's adjacent pairs; where llama-cpp-python is installed, llama.cpp's greedy tokens equal our
-fp32 ONNX export's."""
+"""Our exports in the peers' formats: a GGUF for llama.cpp (deepseek2: every tensor read back with `gguf` against our
+weights, the rope rows permuted into llama.cpp's adjacent pairs; where llama-cpp-python is installed, llama.cpp's
+greedy tokens equal our fp32 ONNX export's) and an onnxruntime-genai folder (genai's own loop and search give our
+runtime's greedy tokens)."""
 
 import importlib.util
 import json
@@ -19,9 +20,10 @@ PROMPTS = ("It was a dark and stormy night, and", "The old man looked at the let
 
 @pytest.fixture(scope="module")
 def demo_gguf(tmp_path_factory):
-    """The demo model exported to fp32 ONNX, with an f32 GGUF beside it (the same CLI a user runs)."""
-    out = tmp_path_factory.mktemp("gguf") / "demo"
+    """The demo model exported to fp32 ONNX, with an f32 GGUF and a genai graph beside it (the CLI a user runs)."""
+    out = tmp_path_factory.mktemp("peers") / "demo"
     assert main(["export", "-o", str(out), "--quantize", "none", "--format", "gguf", "--gguf-type", "f32"]) == 0
+    assert main(["export", "-o", str(out), "--format", "genai"]) == 0  # the export exists: only the genai files
     return out
 
 
@@ -80,7 +82,9 @@ def test_gguf_bad_input_is_one_line(demo_gguf, capsys, tmp_path):
     assert len(err) == 1 and "model.f32.gguf already exists; pass --force" in err[0]
     out = tmp_path / "x"
     assert main(["export", "-o", str(out), "--format", "gguf", "--cache-dtype", "int8"]) == 2
-    assert "cannot say an int8 latent cache" in capsys.readouterr().err and not out.exists()
+    assert "gguf cannot keep an int8 latent cache" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "-o", str(demo_gguf), "--format", "genai"]) == 2
+    assert "model.genai.onnx already exists; pass --force" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
@@ -104,4 +108,30 @@ def test_llama_cpp_greedy_tokens_equal_our_fp32_onnx(demo_gguf):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
             theirs.append(int(logits.argmax()))
             llm.eval([theirs[-1]])
+        assert theirs == ours, prompt
+
+
+def test_genai_runs_our_latent_cache_with_its_own_loop_and_search(demo_gguf):
+    """onnxruntime-genai (its tokenizer, Generator and greedy search) on our folder = our runtime, 3 x 64 tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from mla_edge.runtime.generate import Generator
+
+    manifest = json.loads((demo_gguf / "mla_edge.json").read_text())
+    assert manifest["genai"]["fp32"]["path"] == "model.genai.onnx"
+    gen = Generator(demo_gguf, "fp32", provider="cpu")
+    model = og.Model(str(demo_gguf))
+    tok = og.Tokenizer(model)
+    for prompt in PROMPTS:
+        ids = gen.encode(prompt)
+        theirs_ids = [int(t) for t in tok.encode(prompt)]
+        assert theirs_ids == ids[1:]  # genai's tokenizer adds no BOS: the caller gives it, as with any genai model
+        ours = gen.generate_ids([ids], max_new_tokens=64, eos=False)[0].token_ids
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 64, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens([ids[0], *theirs_ids])
+        theirs = []
+        while not g.is_done() and len(theirs) < 64:
+            g.generate_next_token()
+            theirs.append(int(g.get_next_tokens()[0]))
         assert theirs == ours, prompt
