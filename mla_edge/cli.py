@@ -271,6 +271,7 @@ def _generator(a: argparse.Namespace, out_dir: Path):  # -> Generator (imported 
         iobinding=not getattr(a, "no_iobinding", False),
         prefill_chunk=getattr(a, "prefill_chunk", 64),
         protocol=a.protocol,
+        verify="full" if getattr(a, "verify", False) else True,
         **dynamic,
     )
 
@@ -380,7 +381,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         not a.no_torch,
         rounds=a.rounds,
         progress=lambda name: print(f"[bench] {name}", file=sys.stderr, flush=True),
-        peers=[parse_vs(v) for v in a.vs or ()],
+        peers=[parse_vs(v, Path(out_dir)) for v in a.vs or ()],
     )
     _print_json(rep) if a.json else print(format_report(rep))
     return 0
@@ -397,10 +398,13 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
         from mla_edge.runtime import peers
 
         run = peers.measure_genai if a.backend == "peer-genai" else peers.measure_llamacpp
-        emit(run(a.folder, a.threads, repeats=a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts))
+        kw = {"repeats": a.repeats, "prompt_lens": a.prompt_lens, "pasts": a.pasts, "greedy": a.greedy_prompt}
+        emit(run(a.folder, a.threads, **kw))
         return 0
     if a.backend != "torch":
-        measure_ort(a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding)
+        measure_ort(
+            a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding, a.greedy_prompt
+        )
         return 0
     from mla_edge.export.parity import torch_backend
 
@@ -411,7 +415,7 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
         {
             "backend": "torch-eager-fp32",
             "load_s": load,
-            **measure(step, empty, vocab, a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts),
+            **measure(step, empty, vocab, a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts, greedy=a.greedy_prompt),
         }
     )
     return 0

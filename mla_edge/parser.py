@@ -32,6 +32,8 @@ def _lengths(text: str) -> tuple[int, ...]:  # the hidden bench worker's lengths
 
 
 HELP = {  # the flags several commands share, and the long help texts
+    "verify": "hash every model file in full (by default a file hashed before is trusted while its size, mtime and "
+    "inode are unchanged)",
     "model_dir": "Hugging Face model folder: config.json + *.safetensors (default: the embedded demo model)",
     "out_dir": "export folder (default: the demo model's cached export, written by `mla-edge demo`)",
     "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated), "
@@ -167,6 +169,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", metavar="SIZE", help=HELP["memory_limit"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
     count(p, "--prefill-chunk", 64, HELP["prefill_chunk"])
+    p.add_argument("--verify", action="store_true", help=HELP["verify"])
 
     p = command("chat", h.cmd_chat, "talk with a chat model on the terminal, in its own chat template (no torch)")
     p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help=HELP["out_dir"])
@@ -181,6 +184,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     count(p, "--seed", None, "makes sampling reproducible", zero=True)
+    p.add_argument("--verify", action="store_true", help=HELP["verify"])
 
     p = command("parity", h.cmd_parity, "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity")
     p.add_argument("dirs", nargs="+", metavar="[MODEL_DIR] OUT_DIR", help=HELP["parity_dirs"])
@@ -210,9 +214,9 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--vs",
         action="append",
-        metavar="PEER=PATH",
-        help="also measure a peer runtime in the same run: genai=FOLDER (onnxruntime-genai) or llama.cpp=FILE.gguf "
-        "(llama-cpp-python); repeatable",
+        metavar="PEER[=PATH]",
+        help="also measure a peer runtime in the same run: genai (onnxruntime-genai) or llama.cpp (llama-cpp-python) "
+        "on this export's own genai/GGUF copy, or on another model with genai=FOLDER / llama.cpp=FILE.gguf; repeatable",
     )
 
     p = command("budget", h.cmd_budget, "largest context that fits a memory budget, as MLA vs MHA/GQA, by precision")
@@ -232,4 +236,5 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-lens", type=_lengths, default=(128, 512))
     p.add_argument("--pasts", type=_lengths, default=(128, 1024))
     p.add_argument("--no-iobinding", action="store_true")
+    p.add_argument("--greedy-prompt", type=_lengths, default=(), help="token ids to continue greedily, for agreement")
     return parser

@@ -38,6 +38,7 @@ GEN_PROMPT = (
     "and looked at the young man for a long moment before she spoke."
 )
 PROMPT_LENS = (128, 512)
+GREEDY_STEPS = 32
 PASTS = (128, 1024)
 
 
@@ -54,6 +55,7 @@ def measure(
     decode_steps: int = 16,
     prompt_lens: tuple[int, ...] = PROMPT_LENS,
     pasts: tuple[int, ...] = PASTS,
+    greedy: tuple[int, ...] = (),
 ) -> dict:
     """TTFT, prefill tok/s at each prompt length and decode ms/token at each past length, medians over repeats.
     step(ids, mask, positions, cache) -> (logits, cache) with numpy ids; the cache stays whatever type the backend
@@ -87,6 +89,15 @@ def measure(
                 int(np.asarray(logits)[0, -1].argmax())
                 per_token.append(time.perf_counter() - t)
         out[f"decode_{p}_ms"] = statistics.median(per_token) * 1e3
+    if greedy:  # the greedy continuation of a fixed prompt, for agreement between backends
+        logits, cache = _prefill(step, empty_cache, np.asarray([greedy], np.int64))
+        tokens = [int(np.asarray(logits)[0, -1].argmax())]
+        for k in range(GREEDY_STEPS - 1):
+            n = len(greedy) + k
+            x = np.asarray([[tokens[-1]]], np.int64)
+            logits, cache = step(x, np.ones((1, n + 1), np.int64), np.asarray([[n]], np.int64), cache)
+            tokens.append(int(np.asarray(logits)[0, -1].argmax()))
+        out["greedy"] = tokens
     return out
 
 
@@ -109,6 +120,7 @@ def measure_ort(
     prompt_lens: tuple[int, ...],
     pasts: tuple[int, ...],
     iobinding: bool = True,
+    greedy: tuple[int, ...] = (),
 ) -> None:
     """The worker for one onnxruntime precision, "static-<precision>" for the static graphs (no torch here)."""
     from .session import LatentSession
@@ -124,7 +136,7 @@ def measure_ort(
         sess = LatentSession(out_dir, precision, "cpu", threads)
     load = time.perf_counter() - t
     step = sess.step_bound if iobinding else sess.step
-    res = measure(step, sess.empty_cache, sess.vocab_size, repeats, prompt_lens=prompt_lens, pasts=pasts)
+    res = measure(step, sess.empty_cache, sess.vocab_size, repeats, prompt_lens=prompt_lens, pasts=pasts, greedy=greedy)
     emit(
         {
             "backend": f"ort-{precision}",
@@ -200,6 +212,12 @@ def run_bench(
         ",".join(map(str, pasts)),
         *(["--threads", str(threads)] if threads else []),
     ]
+    if manifest.tokenizer_path:  # every backend continues the same prompt greedily: agreement with our fp32
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(manifest.tokenizer_path)).encode(GEN_PROMPT).ids[:24]
+        bos = manifest.data["tokens"]["bos"]
+        common += ["--greedy-prompt", ",".join(map(str, ([bos] if bos is not None else []) + ids))]
     jobs = []
     model_dir = Path(manifest.data["source"]["model_dir"])
     torch_ok = with_torch and importlib.util.find_spec("torch") is not None and (model_dir / "config.json").is_file()
@@ -234,6 +252,11 @@ def run_bench(
         row["name"] = name
         rows.append(row)
     rows += [{"name": name, "note": note} for name, note in notes.items()]
+    ref = next((r for r in rows if r["name"] == "ort-fp32" and "greedy" in r), None)
+    for r in rows:
+        if ref and "greedy" in r:
+            same = next((i for i, (a, b) in enumerate(zip(r["greedy"], ref["greedy"])) if a != b), len(ref["greedy"]))
+            r["greedy_agree_vs_fp32"] = f"{same}/{len(ref['greedy'])}"
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
     for r in rows:
         if base and "note" not in r:
@@ -301,6 +324,7 @@ def format_report(rep: dict) -> str:
         ("RSS pre-load MB", "rss_before_load_bytes", None),
         ("cache B/token", "cache_bytes_per_token", "{:,.0f}"),
         ("model MB", "model_bytes", None),
+        ("greedy = fp32", "greedy_agree_vs_fp32", "{}"),
     ]
     lines = [
         f"bench: {rep['export_dir']} ({rep['machine']}; batch 1; medians of {rep['repeats']} repeats x "

@@ -118,7 +118,7 @@ class Manifest:
         diff = [f"{k} {entry.get(k)} (here {v})" for k, v in here.items() if entry.get(k) != v]
         return f"{entry['path']} was optimized for " + ", ".join(diff) if diff else None
 
-    def model_path(self, precision: str, verify: bool = True, ort_format: bool = False) -> Path:
+    def model_path(self, precision: str, verify: bool | str = True, ort_format: bool = False) -> Path:
         """Path of one precision's model file (or its ORT-format companion); with verify, the sha256 of every file
         of that precision (the .onnx, any external data, the .ort) is checked first."""
         if precision not in self.data["files"]:
@@ -127,17 +127,21 @@ class Manifest:
         path = self.verified_path(entry, verify)
         return self.folder / entry["ort"]["path"] if ort_format else path
 
-    def verified_path(self, entry: dict, verify: bool = True) -> Path:
+    def verified_path(self, entry: dict, verify: bool | str = True) -> Path:
         """A manifest file entry's path, after checking that all its files (graph, external data, .ort) exist and,
-        with verify, match their sha256: a tampered export is refused whole."""
+        with verify, match their sha256: a tampered export is refused whole. verify=True trusts a file hashed
+        before while its size, mtime and inode are unchanged (`verified.json` in the cache folder); "full" always
+        hashes."""
         for f in entry["files"] + ([entry["ort"]] if entry.get("ort") else []):
             p = self.folder / f["path"]
             if not p.is_file():
                 raise ManifestError(f"model file {p} listed in {MANIFEST} is missing")
-            if verify and sha256(p) != f["sha256"]:
-                raise ManifestError(
-                    f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
-                )
+            if verify and not (verify != "full" and _trusted(p, f["sha256"])):
+                if sha256(p) != f["sha256"]:
+                    raise ManifestError(
+                        f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
+                    )
+                _remember(p, f["sha256"])
         return self.folder / entry["path"]
 
     @property
@@ -152,6 +156,39 @@ class Manifest:
     def tokenizer_path(self) -> Path | None:
         name = self.data.get("tokenizer")
         return self.folder / name if name else None
+
+
+def _stamp(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _verified_file() -> Path:
+    return cache_root() / "verified.json"
+
+
+def _trusted(p: Path, digest: str) -> bool:
+    """Was `p` hashed to `digest` before, and are its size, mtime and inode what they were then?"""
+    try:
+        seen = json.loads(_verified_file().read_text()).get(str(p.resolve()))
+        return seen is not None and seen["sha256"] == digest and seen["stamp"] == _stamp(p)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return False
+
+
+def _remember(p: Path, digest: str) -> None:
+    """Record a full hash check (best effort: a read-only cache folder just means hashing again next time)."""
+    path = _verified_file()
+    try:
+        seen = json.loads(path.read_text()) if path.is_file() else {}
+        seen = seen if isinstance(seen, dict) else {}
+        seen[str(p.resolve())] = {"sha256": digest, "stamp": _stamp(p)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".verified.{os.getpid()}.json")
+        tmp.write_text(json.dumps(seen))
+        tmp.replace(path)
+    except (OSError, ValueError):
+        pass
 
 
 def cache_root() -> Path:

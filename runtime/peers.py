@@ -2,7 +2,7 @@
 process, so that their numbers sit beside ours from one run.
 
   genai=FOLDER      an onnxruntime-genai model folder (genai_config.json), e.g. what its model builder writes
-  llama.cpp=FILE    a GGUF run by llama.cpp through llama-cpp-python (f32 KV cache, flash attention off)
+  llama.cpp=FILE    a GGUF run by llama.cpp through llama-cpp-python, with its defaults (f16 cache)
 
 A peer whose package is missing is a row that says what to pip install, not an error.
 """
@@ -27,14 +27,25 @@ PEERS = {  # name -> (module, how to install it)
 }
 
 
-def parse_vs(spec: str) -> tuple[str, Path]:
-    """`NAME=PATH` -> (name, path); one clear line for an unknown peer or a missing path."""
+def parse_vs(spec: str, out_dir: Path | None = None) -> tuple[str, Path]:
+    """`NAME=PATH`, or a bare NAME for the copy in our own export folder (its genai_config.json, or the GGUF its
+    manifest lists, q8_0 first) -> (name, path); one clear line for an unknown peer or a missing path."""
     name, _, path = spec.partition("=")
     if name not in PEERS:
-        raise InputError(f"--vs {spec}: unknown peer {name!r} (known: {', '.join(PEERS)}; write NAME=PATH)")
+        raise InputError(f"--vs {spec}: unknown peer {name!r} (known: {', '.join(PEERS)}; write NAME or NAME=PATH)")
+    if not path and out_dir is not None:
+        if name == "genai":
+            path = str(out_dir) if (out_dir / "genai_config.json").is_file() else ""
+            hint = f"`mla-edge export -o {out_dir} --format genai --genai-precision int8` first"
+        else:
+            ggufs = json.loads((out_dir / "mla_edge.json").read_text()).get("gguf", {})
+            kind = next((k for k in ("q8_0", "f16", "f32") if k in ggufs), None)
+            path = str(out_dir / ggufs[kind]["path"]) if kind else ""
+            hint = f"`mla-edge export -o {out_dir} --format gguf` first"
+        if not path:
+            raise InputError(f"--vs {name}: {out_dir} has no {name} copy of the model: run {hint}, or give {name}=PATH")
     if not path:
-        what = "an onnxruntime-genai folder" if name == "genai" else "a .gguf file"
-        raise InputError(f"--vs {spec}: give the peer's model as {name}=PATH ({what})")
+        raise InputError(f"--vs {spec}: give the peer's model as {name}=PATH")
     if not Path(path).exists():
         raise InputError(f"--vs {spec}: {path} not found")
     if name == "genai" and not (Path(path) / "genai_config.json").is_file():
@@ -94,7 +105,7 @@ def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
         "load_s": load,
         "rss_before_load_bytes": before,
         "cache_bytes_per_token": genai_cache_bytes_per_token(Path(folder)),
-        "model_bytes": sum(f.stat().st_size for f in Path(folder).glob("*.onnx*")),
+        "model_bytes": sum(f.stat().st_size for f in Path(folder).glob(dec["decoder"]["filename"] + "*")),
         **res,
     }
 
@@ -110,9 +121,7 @@ def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
     threads = threads or physical_cores()
     ctx = max(kw["prompt_lens"]) + max(kw["pasts"]) + 64
     t = time.perf_counter()
-    llm = llama_cpp.Llama(
-        gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, flash_attn=False, type_k=0, type_v=0, verbose=False
-    )  # ggml type 0 = f32 cache
+    llm = llama_cpp.Llama(gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)  # its defaults
     load = time.perf_counter() - t
     vocab = llm.n_vocab()
 
@@ -121,11 +130,22 @@ def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
         return None
 
     def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, state: Any) -> tuple[Any, Any]:
-        llm.eval(ids[0].tolist())
-        return np.asarray(llm.scores[llm.n_tokens - 1]).reshape(1, 1, vocab), state
+        llm.eval(ids[0].tolist())  # (its scores array is not filled without logits_all: read the last row directly)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(vocab,))
+        return logits.reshape(1, 1, vocab), state
 
     res = measure(step, empty, vocab, **kw)
+    meta = llm.metadata
+    arch = meta["general.architecture"]
+    layers = int(meta[f"{arch}.block_count"])
+    if f"{arch}.attention.kv_lora_rank" in meta:  # MLA: the latent (+ rope key) only, as K; V is a view of it
+        per_layer = int(meta[f"{arch}.attention.key_length"])
+    else:
+        heads = int(meta[f"{arch}.attention.head_count"])
+        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+        per_layer = 2 * int(meta.get(f"{arch}.attention.head_count_kv", heads)) * head_dim
     return {
+        "cache_bytes_per_token": per_layer * layers * 2,  # llama.cpp's default f16 cache
         "backend": "llama.cpp",
         "load_s": load,
         "rss_before_load_bytes": before,

@@ -91,7 +91,7 @@ class LatentSession:
         threads: int | None = None,
         opt_level: str = "all",
         optimized_cache: str | Path | None = None,
-        verify: bool = True,
+        verify: bool | str = True,
         ort_format: bool = True,
     ):
         """optimized_cache: a folder where onnxruntime's optimized graph is saved on the first load and loaded

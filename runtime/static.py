@@ -81,7 +81,7 @@ class StaticSession:
         provider: str = "auto",
         threads: int | None = None,
         qnn_options: dict | None = None,
-        verify: bool = True,
+        verify: bool | str = True,
         section: dict | None = None,
     ):
         """section: the manifest's static section, for a folder whose manifest is not written yet (the exporter's

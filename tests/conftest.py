@@ -111,3 +111,17 @@ def text_export(tmp_path_factory):
     make_tokenizer(root / "hf" / "tokenizer.json")
     export_folder(root / "hf", root / "out", ExportOptions(quantize=("int8",), progress=False))
     return root / "hf", root / "out"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """Tests keep mla-edge's cache folder (exports, the verified-hash record) out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("MLA_EDGE_CACHE")
+    os.environ["MLA_EDGE_CACHE"] = str(tmp_path_factory.mktemp("mla-edge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MLA_EDGE_CACHE", None)
+    else:
+        os.environ["MLA_EDGE_CACHE"] = old

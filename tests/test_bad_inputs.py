@@ -213,7 +213,7 @@ CLI = [
     ("bench-tampered", ["bench", "{tampered}", "--precision", "int8"], "does not match its sha256"),
     ("bench-context", ["bench", "{out}", "--precision", "fp32"], "context holds 96"),
     ("bench-vs-unknown", ["bench", "{out}", "--vs", "vllm={out}"], "unknown peer 'vllm'"),
-    ("bench-vs-nopath", ["bench", "{out}", "--vs", "genai"], "give the peer's model as genai=PATH"),
+    ("bench-vs-nocopy", ["bench", "{out}", "--vs", "genai"], "has no genai copy of the model: run `mla-edge export"),
     ("bench-vs-missing", ["bench", "{out}", "--vs", "llama.cpp={root}/nope.gguf"], "nope.gguf not found"),
     ("bench-vs-notgenai", ["bench", "{out}", "--vs", "genai={out}"], "no genai_config.json"),
     ("budget-banana", ["budget", "--memory", "banana"], "not a size"),

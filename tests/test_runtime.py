@@ -187,6 +187,31 @@ def test_tampered_model_file(text_export, tmp_path):
         Generator(bad, "fp32")
 
 
+def test_a_verified_file_is_trusted_until_it_changes(text_export, tmp_path, monkeypatch):
+    """Load time: a file hashed once is trusted while its size, mtime and inode stay; any change hashes it again, and
+    verify="full" always hashes (`--verify`)."""
+    from mla_edge.runtime import manifest as mf
+
+    folder = tmp_path / "copy"
+    shutil.copytree(text_export[1], folder)
+    calls = []
+    real = mf.sha256
+    monkeypatch.setattr(mf, "sha256", lambda p: calls.append(p.name) or real(p))
+    Generator(folder, "int8", provider="cpu")
+    first = len(calls)
+    assert first >= 1  # hashed in full the first time
+    Generator(folder, "int8", provider="cpu")
+    assert len(calls) == first  # trusted: unchanged size, mtime and inode
+    Generator(folder, "int8", provider="cpu", verify="full")
+    assert len(calls) == 2 * first  # --verify hashes again
+    target = next(p for p in folder.iterdir() if p.name in calls)
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))  # a changed file has a new mtime: hashed again, and refused
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        Generator(folder, "int8", provider="cpu")
+
+
 def test_cli_generate_and_errors(text_export, capsys):
     out = str(text_export[1])
     assert main(["generate", out, "The old house", "--max-new-tokens", "12", "--provider", "cpu"]) == 0
