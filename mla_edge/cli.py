@@ -373,6 +373,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from mla_edge.runtime.peers import parse_vs
 
     out_dir = export_dir_or_demo(a.out_dir)
+    if a.profile:
+        from mla_edge.runtime.profile import format_profile, profile_decode
+
+        prof = profile_decode(out_dir, (a.precision or ["int8"])[0], a.profile, threads=a.threads)
+        _print_json(prof) if a.json else print(format_profile(prof))
+        return 0
     rep = run_bench(
         out_dir,
         a.precision,

@@ -211,6 +211,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     count(p, "--rounds", 3, "interleaved rounds over all backends")
     count(p, "--threads", None, "threads for every backend (default: physical cores)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    count(p, "--profile", None, "instead: where one decode token's time goes at this past length (first --precision)")
     p.add_argument(
         "--vs",
         action="append",

@@ -235,6 +235,8 @@ class Generator:
         finish: list[str | None] = [None] * B
         ctx = self.session.max_context
         length = ids.shape[1]
+        full_mask = np.ones((B, ctx), np.int64)  # decode steps slice it: no growing concatenation per token
+        full_mask[:, :length] = mask
         while True:
             nxt = sampler(last, history)
             for i in range(B):
@@ -258,7 +260,7 @@ class Generator:
             if all(finish):
                 break
             feed = np.asarray([[t if not f else self.pad_id] for t, f in zip(nxt, finish)], np.int64)
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
+            mask = full_mask[:, : length + 1]
             pos = pos[:, -1:] + 1
             length += 1
             logits, cache = step(feed, mask, pos, cache)

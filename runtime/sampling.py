@@ -53,6 +53,8 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         """logits (B, V) for the next position; history: tokens seen per row (prompt + generated)."""
         o = self.opts
+        if o.temperature == 0 and o.repetition_penalty == 1.0:
+            return logits.argmax(-1)  # greedy: no copy, no float64
         logits = logits.astype(np.float64, copy=True)
         if o.repetition_penalty != 1.0:  # CTRL-style: push seen tokens down whatever their sign
             for row, seen in zip(logits, history):

@@ -141,6 +141,7 @@ class LatentSession:
         so.log_severity_level = 3
         if self.ort_format:
             so.graph_optimization_level = OPT_LEVELS["none"]  # applied when the file was written
+        self.path = path
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own types for corrupt or invalid files
@@ -161,7 +162,7 @@ class LatentSession:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feed = {
             INPUT_IDS: np.asarray(input_ids, np.int64),
-            ATTENTION_MASK: np.asarray(attention_mask, np.int64),
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
             POSITION_IDS: np.asarray(position_ids, np.int64),
             **cache,
         }
