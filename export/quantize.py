@@ -5,6 +5,9 @@ int4      weight-only MatMulNBits (and GatherBlockQuantized for the embedding), 
 int8-qdq  static QDQ calibrated on prefill and decode steps of a text: the format NPU execution providers want.
 w8a32     weight-only int8 by blocks (MatMulNBits bits=8), fp32 activations: int8's size without quantizing
           activations, which real LLMs' outlier activations do not survive (see the README's convert section).
+int8-block  int8 weights by blocks and int8 activations quantized per block of K at run time (MatMulNBits bits=8,
+          accuracy_level 4, the form onnxruntime-genai uses on CPUs): an outlier spoils only its own block of 32, so
+          real LLMs keep their quality, at dynamic int8's speed.
 MoE experts (com.microsoft MoE nodes) become QMoE nodes: int8 with one scale per row, or int4 by blocks.
 Every writer keeps weights in an external data file past EXTERNAL_DATA_BYTES (protobuf caps a file at 2 GiB).
 """
@@ -293,7 +296,9 @@ def quantize_int8_streaming(src: Path, dst: Path) -> None:
     _rewrite(src, dst, convert)
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | None = None, bits: int = 4) -> None:
+def quantize_int4(
+    src: Path, dst: Path, block_size: int = 32, external: bool | None = None, bits: int = 4, accuracy_level: int = 0
+) -> None:
     """MatMulNBits / GatherBlockQuantized through onnxruntime's MatMulNBitsQuantizer (bits=8: w8a32, int8 weights
     by blocks with fp32 activations). MoE experts are turned into QMoE first, streaming, so that the quantizer
     (which holds the graph in memory) never sees them in fp32."""
@@ -312,6 +317,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, external: bool | N
         bits=bits,
         block_size=block_size,
         is_symmetric=True,
+        accuracy_level=accuracy_level or None,
         op_types_to_quantize=tuple(OP_TYPES) if bits == 4 else ("MatMul",),  # its Gather takes 4 bits only
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )

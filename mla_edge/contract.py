@@ -33,7 +33,8 @@ class InputError(ValueError):
 
 
 # ---- one vocabulary for precision and dtype ------------------------------------------------------------------------
-PRECISIONS = ("fp32", "int8", "int4", "int8-qdq", "w8a32")  # weight precisions of an export (one graph file each)
+# weight precisions of an export (one graph file each)
+PRECISIONS = ("fp32", "int8", "int4", "int8-qdq", "w8a32", "int8-block")
 CACHE_DTYPES = ("fp32", "int8")  # how the latent cache is stored
 PLAN_DTYPES = ("fp32", "fp16", "int8")  # what the budget planner compares, for weights and cache alike
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}

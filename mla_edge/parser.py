@@ -37,7 +37,7 @@ HELP = {  # the flags several commands share, and the long help texts
     "model_dir": "Hugging Face model folder: config.json + *.safetensors (default: the embedded demo model)",
     "out_dir": "export folder (default: the demo model's cached export, written by `mla-edge demo`)",
     "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated), "
-    "w8a32 (int8 weights, fp32 activations: for real LLMs)",
+    "w8a32 (int8 weights, fp32 activations), int8-block (int8 weights and activations by blocks: real LLMs' int8)",
     "calibration": "text for int8-qdq calibration (default for the demo model: its calibration.txt)",
     "cache_dtype": "latent cache storage: fp32, or int8 with a per-token scale (quantized in the graph)",
     "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
@@ -113,7 +113,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])
     p.add_argument("-o", "--out", metavar="OUT_DIR", help="export folder to create (default: ./<model name>-onnx)")
     p.add_argument("--quantize", nargs="+", default=["int8"], choices=["none", *PRECISIONS[1:]], help=HELP["quantize"])
-    p.add_argument("--int4-block-size", type=int, default=32, help="int4 and w8a32 block size (power of 2, >= 16)")
+    p.add_argument("--int4-block-size", type=int, default=32, help="MatMulNBits block size (power of 2, >= 16)")
     p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
     p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")

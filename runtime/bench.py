@@ -195,7 +195,7 @@ def run_bench(
     """Backends run round-robin, `rounds` times each, so that a slow spell of a shared machine hits all of them."""
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
-    precisions = precisions or [p for p in ("fp32", "int8", "int4") if p in manifest.precisions]
+    precisions = precisions or [p for p in ("fp32", "int8", "int4", "int8-block") if p in manifest.precisions]
     for p in precisions:
         manifest.model_path(p)  # an unknown precision or a tampered file: one clear error before any work
     longest = max(max(prompt_lens), max(pasts) + 16)

@@ -99,7 +99,7 @@ class LatentSession:
         version and platform."""
         self.manifest = Manifest.read(export_dir)
         if precision is None:
-            precision = "int8" if "int8" in self.manifest.precisions else "fp32"
+            precision = next((p for p in ("int8", "int8-block") if p in self.manifest.precisions), "fp32")
         self.precision = precision
         if opt_level not in OPT_LEVELS:
             raise InputError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")

@@ -69,13 +69,21 @@ def test_converted_model_exports_and_the_graph_equals_pytorch(tmp_path):
 
     _, src = tiny_llama(tmp_path)
     convert_checkpoint(src, tmp_path / "mla", 32, 8, tmp_path / "calib.txt", windows=4, window=64)
-    export_folder(tmp_path / "mla", tmp_path / "out", ExportOptions(quantize=("int8", "w8a32"), progress=False))
+    opts = ExportOptions(quantize=("int8", "w8a32", "int8-block"), progress=False)
+    export_folder(tmp_path / "mla", tmp_path / "out", opts)
     model = load_model(tmp_path / "mla")
     rows = [np.random.default_rng(4).integers(3, 97, 11 + 32).tolist()]
     rep = teacher_forced(model, LatentSession(tmp_path / "out", "fp32", "cpu"), rows, [11], 32)
     assert rep["max_abs_logit_diff"] <= 1e-4 and rep["top1_agreement"] == 1.0
     w8 = teacher_forced(model, LatentSession(tmp_path / "out", "w8a32", "cpu"), rows, [11], 32)
     assert w8["top1_agreement"] >= 0.9  # int8 weights by blocks of 32, fp32 activations
+    blocks = teacher_forced(model, LatentSession(tmp_path / "out", "int8-block", "cpu"), rows, [11], 32)
+    assert blocks["top1_agreement"] >= 0.9  # and int8 activations by blocks of 32
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "model.int8-block.onnx"), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
 
 
 @pytest.mark.parametrize(
