@@ -160,7 +160,8 @@ def run_smollm2_demo(
     report["cache"] = sizes
 
     say(f"\n== 2. export: ONNX fp32 + int8-block (int8 weights and activations by blocks of 32) -> {export_dir}")
-    if refresh or not (export_dir / MANIFEST).is_file():
+    cached = (export_dir / MANIFEST).is_file() and "int8-block" in Manifest.read(export_dir).precisions
+    if refresh or not cached:
         t = time.time()
         opts = ExportOptions(quantize=("int8-block",), force=True, progress=sys.stderr.isatty())
         export_folder(model_dir, export_dir, opts)

@@ -404,13 +404,13 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
         from mla_edge.runtime import peers
 
         run = peers.measure_genai if a.backend == "peer-genai" else peers.measure_llamacpp
-        kw = {"repeats": a.repeats, "prompt_lens": a.prompt_lens, "pasts": a.pasts, "greedy": a.greedy_prompt}
+        kw = {"repeats": a.repeats, "prompt_lens": a.prompt_lens, "pasts": a.pasts}
+        kw |= {"greedy": a.greedy_prompt, "rss_run": a.rss_run}
         emit(run(a.folder, a.threads, **kw))
         return 0
     if a.backend != "torch":
-        measure_ort(
-            a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding, a.greedy_prompt
-        )
+        measure_ort(a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding,
+                    a.greedy_prompt, a.rss_run)  # fmt: skip
         return 0
     from mla_edge.export.parity import torch_backend
 
@@ -421,7 +421,16 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
         {
             "backend": "torch-eager-fp32",
             "load_s": load,
-            **measure(step, empty, vocab, a.repeats, prompt_lens=a.prompt_lens, pasts=a.pasts, greedy=a.greedy_prompt),
+            **measure(
+                step,
+                empty,
+                vocab,
+                a.repeats,
+                prompt_lens=a.prompt_lens,
+                pasts=a.pasts,
+                greedy=a.greedy_prompt,
+                rss_run=a.rss_run,
+            ),  # fmt: skip
         }
     )
     return 0

@@ -238,4 +238,5 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--pasts", type=_lengths, default=(128, 1024))
     p.add_argument("--no-iobinding", action="store_true")
     p.add_argument("--greedy-prompt", type=_lengths, default=(), help="token ids to continue greedily, for agreement")
+    p.add_argument("--rss-run", action="store_true", help="only continue the greedy prompt (a generation's RSS)")
     return parser

@@ -56,10 +56,13 @@ def measure(
     prompt_lens: tuple[int, ...] = PROMPT_LENS,
     pasts: tuple[int, ...] = PASTS,
     greedy: tuple[int, ...] = (),
+    rss_run: bool = False,
 ) -> dict:
     """TTFT, prefill tok/s at each prompt length and decode ms/token at each past length, medians over repeats.
     step(ids, mask, positions, cache) -> (logits, cache) with numpy ids; the cache stays whatever type the backend
     uses, so no backend pays for conversions the other does not."""
+    if rss_run:  # the generation-sized footprint: the greedy prompt continued GEN_NEW_TOKENS tokens, nothing more
+        return {"generate_tokens": len(_greedy(step, empty_cache, greedy, GEN_NEW_TOKENS))}
     rng = np.random.default_rng(0)
     out: dict = {}
     ids = rng.integers(0, vocab, (1, prompt_lens[0]), dtype=np.int64)
@@ -90,15 +93,19 @@ def measure(
                 per_token.append(time.perf_counter() - t)
         out[f"decode_{p}_ms"] = statistics.median(per_token) * 1e3
     if greedy:  # the greedy continuation of a fixed prompt, for agreement between backends
-        logits, cache = _prefill(step, empty_cache, np.asarray([greedy], np.int64))
-        tokens = [int(np.asarray(logits)[0, -1].argmax())]
-        for k in range(GREEDY_STEPS - 1):
-            n = len(greedy) + k
-            x = np.asarray([[tokens[-1]]], np.int64)
-            logits, cache = step(x, np.ones((1, n + 1), np.int64), np.asarray([[n]], np.int64), cache)
-            tokens.append(int(np.asarray(logits)[0, -1].argmax()))
-        out["greedy"] = tokens
+        out["greedy"] = _greedy(step, empty_cache, greedy, GREEDY_STEPS)
     return out
+
+
+def _greedy(step: Step, empty_cache: Callable[[int], Any], prompt: tuple[int, ...], steps: int) -> list[int]:
+    logits, cache = _prefill(step, empty_cache, np.asarray([prompt], np.int64))
+    tokens = [int(np.asarray(logits)[0, -1].argmax())]
+    for k in range(steps - 1):
+        n = len(prompt) + k
+        x = np.asarray([[tokens[-1]]], np.int64)
+        logits, cache = step(x, np.ones((1, n + 1), np.int64), np.asarray([[n]], np.int64), cache)
+        tokens.append(int(np.asarray(logits)[0, -1].argmax()))
+    return tokens
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -121,6 +128,7 @@ def measure_ort(
     pasts: tuple[int, ...],
     iobinding: bool = True,
     greedy: tuple[int, ...] = (),
+    rss_run: bool = False,
 ) -> None:
     """The worker for one onnxruntime precision, "static-<precision>" for the static graphs (no torch here)."""
     from .session import LatentSession
@@ -136,7 +144,16 @@ def measure_ort(
         sess = LatentSession(out_dir, precision, "cpu", threads)
     load = time.perf_counter() - t
     step = sess.step_bound if iobinding else sess.step
-    res = measure(step, sess.empty_cache, sess.vocab_size, repeats, prompt_lens=prompt_lens, pasts=pasts, greedy=greedy)
+    res = measure(
+        step,
+        sess.empty_cache,
+        sess.vocab_size,
+        repeats,
+        prompt_lens=prompt_lens,
+        pasts=pasts,
+        greedy=greedy,
+        rss_run=rss_run,
+    )
     emit(
         {
             "backend": f"ort-{precision}",
@@ -232,10 +249,13 @@ def run_bench(
         for p in [p for p in ("fp32", "int8") if p in static["files"] and p in precisions]:
             jobs.append((f"ort-static-{p}", cli_command(WORKER, str(out_dir), f"static-{p}", *common)))
     notes = {}
+    foreign = set()  # peers running some other model: no greedy agreement with our fp32
     for peer, path in peers:
         from .peers import missing
 
         name = f"{peer} ({path.name})"
+        if out_dir.resolve() not in (path.resolve(), path.resolve().parent):
+            foreign.add(name)
         if hint := missing(peer):
             notes[name] = hint
         else:
@@ -246,15 +266,23 @@ def run_bench(
             if progress:
                 progress(f"{name} (round {k + 1}/{rounds})")
             runs[name].append(_run_worker(cmd))
+    rss: dict[str, int] = {}
+    if "--greedy-prompt" in common:
+        for name, cmd in jobs:
+            if progress:
+                progress(f"{name} (generate {GEN_NEW_TOKENS} tokens: peak RSS)")
+            rss[name] = _run_worker([*cmd, "--rss-run"])["peak_rss_bytes"]
     rows = []
     for name, _ in jobs:
         row: dict[str, Any] = _median_rows(runs[name])
         row["name"] = name
+        if name in rss:
+            row["generate_peak_rss_bytes"] = rss[name]
         rows.append(row)
     rows += [{"name": name, "note": note} for name, note in notes.items()]
     ref = next((r for r in rows if r["name"] == "ort-fp32" and "greedy" in r), None)
     for r in rows:
-        if ref and "greedy" in r:
+        if ref and "greedy" in r and r["name"] not in foreign:
             same = next((i for i, (a, b) in enumerate(zip(r["greedy"], ref["greedy"])) if a != b), len(ref["greedy"]))
             r["greedy_agree_vs_fp32"] = f"{same}/{len(ref['greedy'])}"
     base = next((r for r in rows if r["name"] == "torch-eager-fp32"), None)
@@ -321,6 +349,7 @@ def format_report(rep: dict) -> str:
     cols += [
         (f"vs torch @{p[-1]}", f"decode_{p[-1]}_speedup_vs_torch", "{:.2f}x"),
         ("peak RSS MB", "peak_rss_bytes", None),
+        (f"gen{GEN_NEW_TOKENS} RSS MB", "generate_peak_rss_bytes", None),
         ("RSS pre-load MB", "rss_before_load_bytes", None),
         ("cache B/token", "cache_bytes_per_token", "{:,.0f}"),
         ("model MB", "model_bytes", None),

@@ -104,31 +104,31 @@ def plot(a: argparse.Namespace) -> int:
     panels = len(texts) + (1 if a.heal_log else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     axes = np.atleast_1d(axes)
-    style = {"original": ("k", "*"), "training-free": ("tab:red", "o"), "healed": ("tab:green", "s")}
+    colors = {"original": "k", "training-free": "tab:red", "healed": "tab:green"}
+    markers = {"pytorch": "o", "fp32": "o", "int8": "v", "int8-block": "D", "w8a32": "s", "int4": "^"}
     for ax, text in zip(axes, texts):
         here = [r for r in rows if r["text"] == text]
+        series: dict[tuple[str, str], list[dict]] = {}
         for r in here:
-            color, marker = style.get(r["kind"], ("tab:blue", "^"))
-            quantized = "@" in r["path"] and not r["path"].endswith("@fp32")
-            ax.scatter(
-                r["cache_elements"],
-                r["ppl"],
-                c=color,
-                marker=marker,
-                s=60 if quantized else 40,
-                facecolors="none" if quantized else color,
-            )
-            ax.annotate(
-                r["label"], (r["cache_elements"], r["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points"
-            )
+            precision = r["path"].rsplit("@", 1)[1] if "@" in r["path"] else "pytorch"
+            series.setdefault((r["kind"], precision), []).append(r)
+        for (kind, precision), rs in sorted(series.items()):
+            rs.sort(key=lambda r: r["cache_elements"])
+            xs, ys = [r["cache_elements"] for r in rs], [r["ppl"] for r in rs]
+            hollow = precision not in ("pytorch", "fp32")
+            label = f"{kind}, {'PyTorch' if precision == 'pytorch' else 'ONNX ' + precision}"
+            ax.plot(xs, ys, ls="-" if len(rs) > 1 else "none", color=colors.get(kind, "tab:blue"), lw=1,
+                    marker=markers.get(precision, "x"), ms=8 if hollow else 6, label=label,
+                    markerfacecolor="none" if hollow else colors.get(kind, "tab:blue"))  # fmt: skip
         orig = next((r["ppl"] for r in here if r["kind"] == "original"), None)
         if orig:
             ax.axhline(orig * 1.05, color="grey", lw=0.8, ls="--")
-            ax.text(ax.get_xlim()[0], orig * 1.05, " original +5%", fontsize=7, va="bottom", color="grey")
+            ax.text(150, orig * 1.05, "original +5%", fontsize=7, va="bottom", color="grey")
         ax.set_yscale("log")
-        ax.set_xlabel("cache elements / token / layer (MHA-equivalent: 1,152)")
+        ax.set_xlabel("cache elements / token / layer (original GQA 384, MHA 1,152)")
         ax.set_ylabel(f"perplexity ({here[0]['tokens']:,} tokens, {here[0]['window']}-token windows)")
-        ax.set_title(text, fontsize=10)
+        ax.set_title(f"{text} (held out)", fontsize=10)
+        ax.legend(fontsize=6, loc="upper right")
     if a.heal_log:
         log = json.loads(a.heal_log.read_text())
         pts = log["points"]
@@ -137,7 +137,7 @@ def plot(a: argparse.Namespace) -> int:
         ax.set_xlabel("healing tokens (millions)")
         ax.set_ylabel("held-out perplexity (256-token windows)")
         ax.set_title("healing: recovery per token seen", fontsize=10)
-    fig.suptitle("SmolLM2-135M-Instruct: GQA -> MLA (filled: fp32; hollow: int8 weights)", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct converted GQA -> MLA by mla-edge convert (hollow: quantized ONNX)", fontsize=10)
     fig.tight_layout()
     fig.savefig(a.out, dpi=120)
     print(f"wrote {a.out}")
