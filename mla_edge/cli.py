@@ -268,7 +268,7 @@ def _generator(a: argparse.Namespace, out_dir: Path):  # -> Generator (imported 
         a.precision,
         a.provider,
         threads=a.threads,
-        iobinding=not getattr(a, "no_iobinding", False),
+        iobinding=getattr(a, "iobinding", False),
         prefill_chunk=getattr(a, "prefill_chunk", 64),
         protocol=a.protocol,
         verify="full" if getattr(a, "verify", False) else True,
@@ -409,7 +409,7 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
         emit(run(a.folder, a.threads, **kw))
         return 0
     if a.backend != "torch":
-        measure_ort(a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, not a.no_iobinding,
+        measure_ort(a.folder, a.backend, a.repeats, a.threads, a.prompt_lens, a.pasts, a.iobinding,
                     a.greedy_prompt, a.rss_run)  # fmt: skip
         return 0
     from mla_edge.export.parity import torch_backend

@@ -126,7 +126,7 @@ def measure_ort(
     threads: int | None,
     prompt_lens: tuple[int, ...],
     pasts: tuple[int, ...],
-    iobinding: bool = True,
+    iobinding: bool = False,
     greedy: tuple[int, ...] = (),
     rss_run: bool = False,
 ) -> None:
@@ -243,7 +243,7 @@ def run_bench(
     for p in precisions:
         jobs.append((f"ort-{p}", cli_command(WORKER, str(out_dir), p, *common)))
     if "int8" in precisions:
-        jobs.append(("ort-int8 (no iobinding)", cli_command(WORKER, str(out_dir), "int8", "--no-iobinding", *common)))
+        jobs.append(("ort-int8 (iobinding)", cli_command(WORKER, str(out_dir), "int8", "--iobinding", *common)))
     static = manifest.data.get("static")
     if static and static["capacity"] >= longest + 1:  # the static graphs, where their buffer holds the benchmark
         for p in [p for p in ("fp32", "int8") if p in static["files"] and p in precisions]:

@@ -60,7 +60,7 @@ class Generator:
         precision: str | None = None,
         provider: str = DEFAULT_PROVIDER,
         *,
-        iobinding: bool = True,
+        iobinding: bool = False,
         prefill_chunk: int = PREFILL_CHUNK,
         protocol: str = "auto",
         **session: Any,

@@ -270,7 +270,7 @@ def test_bench_runs_and_reports(text_export):
 
     rep = run_bench(text_export[1], ["fp32", "int8"], repeats=1, prompt_lens=(16, 32), pasts=(8, 40), rounds=2)
     names = [r["name"] for r in rep["rows"]]
-    assert names == ["torch-eager-fp32", "ort-fp32", "ort-int8", "ort-int8 (no iobinding)"]
+    assert names == ["torch-eager-fp32", "ort-fp32", "ort-int8", "ort-int8 (iobinding)"]
     for r in rep["rows"]:
         assert r["decode_40_ms"] > 0 and r["prefill_32_tok_s"] > 0 and r["peak_rss_bytes"] > 0
         assert r["torch_imported"] == (r["name"] == "torch-eager-fp32") and r["rounds"] == 2
