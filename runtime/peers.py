@@ -59,18 +59,6 @@ def missing(name: str) -> str | None:
     return None if importlib.util.find_spec(module) else f"not installed: {hint}"
 
 
-def genai_cache_bytes_per_token(folder: Path) -> int:
-    """K and V of every layer's KV heads, in the dtype the graph's past inputs have."""
-    import onnx
-
-    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    graph = onnx.load(str(folder / dec["filename"]), load_external_data=False).graph
-    first = dec["inputs"]["past_key_names"] % 0
-    elem = next(i.type.tensor_type.elem_type for i in graph.input if i.name == first)
-    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
-    return 2 * dec["num_key_value_heads"] * dec["head_size"] * dec["num_hidden_layers"] * item
-
-
 def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
     """onnxruntime-genai's own Model/Generator: append_tokens runs the model on given ids, as our step does."""
     import onnxruntime_genai as og
@@ -100,11 +88,15 @@ def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
         return np.asarray(gen.get_logits()).reshape(1, -1, vocab), gen
 
     res = measure(step, empty, vocab, **kw)
+    gen = empty(1)  # the cache's element size, as genai allocates it: from a present tensor after 4 tokens
+    gen.append_tokens(np.arange(4, dtype=np.int32))
+    d = dec["decoder"]
+    item = np.asarray(gen.get_output(d["outputs"]["present_key_names"] % 0)).dtype.itemsize
     return {
         "backend": "genai",
         "load_s": load,
         "rss_before_load_bytes": before,
-        "cache_bytes_per_token": genai_cache_bytes_per_token(Path(folder)),
+        "cache_bytes_per_token": 2 * d["num_key_value_heads"] * d["head_size"] * d["num_hidden_layers"] * item,
         "model_bytes": sum(f.stat().st_size for f in Path(folder).glob(dec["decoder"]["filename"] + "*")),
         **res,
     }
