@@ -8,6 +8,7 @@ command that takes a model defaults to the embedded demo model; generate and ben
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -20,8 +21,8 @@ from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError
 from mla_edge.models import DEMO_DIR
 from mla_edge.parser import build_parser
 
-EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm"}  # what `[export]` installs
-CONVERT_MODULES = {"transformers", "gguf"}  # and what `[convert]` adds
+EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm", "gguf"}  # what `[export]` installs
+CONVERT_MODULES = {"transformers"}  # and what `[convert]` adds
 
 
 class UserError(InputError):
@@ -498,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mla-edge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or quota: the machine's limit, not a bug (partial outputs were removed)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or args.debug:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"mla-edge {args.command}: error: no space left on the device{where}; nothing replaced", file=sys.stderr)
         return 2
     # anything else is a bug in mla-edge: its traceback shows (please report it)
 

@@ -327,6 +327,22 @@ def run_bench(
             "target": TARGET_SPEEDUP,
             "met": int8[key] >= TARGET_SPEEDUP,
         }
+    llama = next((r for r in rows if r["name"].startswith("llama.cpp") and r["name"] not in foreign), None)
+    if int8 and llama and "note" not in llama:  # the peer targets, as ratios in this one run
+        ratios = {f"int8_decode_{k}_speed_vs_llama.cpp": (llama[f"decode_{k}_ms"] / int8[f"decode_{k}_ms"], 1.0)
+                  for k in pasts}  # fmt: skip
+        for n in prompt_lens:
+            ratios[f"int8_prefill_{n}_vs_llama.cpp"] = (int8[f"prefill_{n}_tok_s"] / llama[f"prefill_{n}_tok_s"], 1.5)
+        ratios["int8_load_speed_vs_llama.cpp"] = (llama["load_s"] / int8["load_s"], 0.5)  # load <= 2x theirs
+        for name, (ratio, target) in ratios.items():
+            report["targets"][name] = {"measured": ratio, "target": target, "met": ratio >= target}
+        if "generate_peak_rss_bytes" in int8 and "generate_peak_rss_bytes" in llama:
+            limit = llama["generate_peak_rss_bytes"] + 10 * 2**20
+            report["targets"]["int8_generate_rss_vs_llama.cpp"] = {
+                "measured_bytes": int8["generate_peak_rss_bytes"],
+                "limit_bytes": limit,
+                "met": int8["generate_peak_rss_bytes"] <= limit,
+            }
     if "int8" in precisions and manifest.tokenizer_path:
         if progress:
             progress("generate int8 (RSS)")

@@ -443,3 +443,24 @@ def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip() == "mla-edge export: interrupted", (p.returncode, err[-2000:])
     assert not out.exists() and not list(tmp_path.glob(".interrupted*"))
+
+
+def test_a_full_disk_is_one_line_and_replaces_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC while an export writes: one line, exit 2, and the earlier export is still there."""
+    import errno
+
+    from mla_edge.cli import main
+    from mla_edge.export import pipeline
+
+    out = tmp_path / "out"
+    assert main(["export", "-o", str(out), "--quantize", "none"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.onnx"))
+
+    monkeypatch.setattr(pipeline, "_build", full)
+    assert main(["export", "-o", str(out), "--quantize", "none", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on the device writing" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == before
