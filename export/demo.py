@@ -170,7 +170,7 @@ def run_smollm2_demo(
         say("   cached export found (use --refresh to redo it)")
     man = Manifest.read(export_dir)
     for prec, e in man.data["files"].items():
-        say(f"   {prec:5s} {e['path']:18s} {e['bytes'] / 1e6:7.1f} MB")
+        say(f"   {prec:10s} {e['path']:24s} {e['bytes'] / 1e6:7.1f} MB")
 
     say("\n== 3. parity: PyTorch vs ONNX (prefill + 16 decode steps; perplexity on 1,024 held-out tokens)")
     text = (DEMO_DIR / "heldout.txt").read_text(encoding="utf-8")
