@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mla_edge.contract import MANIFEST, InputError, comparison
 from mla_edge.models import DEMO_DIR
@@ -26,6 +26,19 @@ from .parity import format_table, run_parity
 from .pipeline import ExportOptions, export_folder
 
 DEFAULT_PROMPT = "It was a dark and stormy night, and"
+
+
+def _cached_export(model_dir: Path, export_dir: Path, precision: str, refresh: bool, say: Any) -> Manifest:
+    """fp32 + `precision` in export_dir, exported unless an earlier run left a folder that has them."""
+    cached = (export_dir / MANIFEST).is_file() and precision in Manifest.read(export_dir).precisions
+    if refresh or not cached:
+        t = time.time()
+        opts = ExportOptions(quantize=(precision,), force=True, progress=sys.stderr.isatty())
+        export_folder(model_dir, export_dir, opts)
+        say(f"   exported in {time.time() - t:.1f} s")
+    else:
+        say("   cached export found (use --refresh to redo it)")
+    return Manifest.read(export_dir)
 
 
 def run_demo(
@@ -44,15 +57,7 @@ def run_demo(
     report: dict = {"model_dir": str(model_dir), "export_dir": str(export_dir)}
 
     say(f"== 1. export + int8: {model_dir.name} -> {export_dir}")
-    if refresh or not (export_dir / MANIFEST).is_file():
-        t = time.time()
-        export_folder(
-            model_dir, export_dir, ExportOptions(quantize=("int8",), force=True, progress=sys.stderr.isatty())
-        )
-        say(f"   exported in {time.time() - t:.1f} s")
-    else:
-        say("   cached export found (use --refresh to redo it)")
-    man = Manifest.read(export_dir)
+    man = _cached_export(model_dir, export_dir, "int8", refresh, say)
     for prec, e in man.data["files"].items():
         say(f"   {prec:5s} {e['path']:18s} {e['bytes'] / 1e6:6.2f} MB")
 
@@ -160,15 +165,7 @@ def run_smollm2_demo(
     report["cache"] = sizes
 
     say(f"\n== 2. export: ONNX fp32 + int8-block (int8 weights and activations by blocks of 32) -> {export_dir}")
-    cached = (export_dir / MANIFEST).is_file() and "int8-block" in Manifest.read(export_dir).precisions
-    if refresh or not cached:
-        t = time.time()
-        opts = ExportOptions(quantize=("int8-block",), force=True, progress=sys.stderr.isatty())
-        export_folder(model_dir, export_dir, opts)
-        say(f"   exported in {time.time() - t:.0f} s")
-    else:
-        say("   cached export found (use --refresh to redo it)")
-    man = Manifest.read(export_dir)
+    man = _cached_export(model_dir, export_dir, "int8-block", refresh, say)
     for prec, e in man.data["files"].items():
         say(f"   {prec:10s} {e['path']:24s} {e['bytes'] / 1e6:7.1f} MB")
 
