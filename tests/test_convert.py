@@ -84,6 +84,9 @@ def test_converted_model_exports_and_the_graph_equals_pytorch(tmp_path):
     graph = onnx.load(str(tmp_path / "out" / "model.int8-block.onnx"), load_external_data=False).graph
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    assert gathers and not any(n.input[0] in floats for n in gathers)  # the embedding is int8 too
 
 
 @pytest.mark.parametrize(
