@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mla_edge.contract import MANIFEST, MODEL_FILE, InputError
+from mla_edge.contract import MODEL_FILE, InputError
 
 KEY, VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -73,7 +73,7 @@ def wrap_graph(src: Path, dst: Path, layers: int, rank: int, rope: int) -> None:
 
 def write_genai(out_dir: str | Path, precision: str = "fp32", force: bool = False) -> dict:
     """Add `genai_config.json` and the wrapped graph of `precision` to an export folder; returns the config."""
-    from mla_edge.runtime.manifest import Manifest
+    from mla_edge.runtime.manifest import Manifest, record_file
 
     out_dir = Path(out_dir)
     man = Manifest.read(out_dir)
@@ -144,22 +144,5 @@ def write_genai(out_dir: str | Path, precision: str = "fp32", force: bool = Fals
             "add_bos_token": tokens["bos"] is not None,
             **{f"{k}_token": v for k, v in names.items() if v is not None},
         }, indent=2) + "\n")  # fmt: skip
-    _list(out_dir, precision, dst)
+    record_file(out_dir, "genai", precision, dst, config="genai_config.json")
     return config
-
-
-def _list(out_dir: Path, precision: str, dst: Path) -> None:
-    """Record the genai graph in the manifest (path, bytes, sha256), written atomically."""
-    from mla_edge.runtime.manifest import sha256
-
-    path = out_dir / MANIFEST
-    data = json.loads(path.read_text())
-    data.setdefault("genai", {})[precision] = {
-        "path": dst.name,
-        "config": "genai_config.json",
-        "bytes": dst.stat().st_size,
-        "sha256": sha256(dst),
-    }
-    tmp = out_dir / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

@@ -187,8 +187,7 @@ def write_gguf(
 def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0", force: bool = False) -> dict:
     """Write OUT_DIR/model.<type>.gguf beside an mla-edge export and list it (path, bytes, sha256) under the
     manifest's "gguf" key. An existing GGUF is replaced only with force."""
-    from mla_edge.contract import MANIFEST
-    from mla_edge.runtime.manifest import Manifest, sha256
+    from mla_edge.runtime.manifest import Manifest, record_file
 
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)  # one clear line when OUT_DIR is not an export
@@ -201,15 +200,4 @@ def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0"
     if dst.exists() and not force:
         raise InputError(f"{dst} already exists; pass --force to replace it")
     info = write_gguf(model_dir, dst, gguf_type)
-    data = dict(manifest.data)
-    data.setdefault("gguf", {})[gguf_type] = {
-        "path": dst.name,
-        "bytes": dst.stat().st_size,
-        "sha256": sha256(dst),
-        "architecture": "deepseek2",
-        "rope_permuted": info["rope_permuted"],
-    }
-    tmp = out_dir / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out_dir / MANIFEST)
-    return data["gguf"][gguf_type]
+    return record_file(out_dir, "gguf", gguf_type, dst, architecture="deepseek2", rope_permuted=info["rope_permuted"])

@@ -158,6 +158,19 @@ class Manifest:
         return self.folder / name if name else None
 
 
+def record_file(folder: Path, section: str, key: str, path: Path, **extra: object) -> dict:
+    """List a companion file (a GGUF, a genai graph) in the manifest under section/key with its size and sha256;
+    the manifest is rewritten atomically. Returns the entry."""
+    manifest = folder / MANIFEST
+    data = json.loads(manifest.read_text())
+    entry = {"path": path.name, "bytes": path.stat().st_size, "sha256": sha256(path), **extra}
+    data.setdefault(section, {})[key] = entry
+    tmp = folder / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(manifest)
+    return entry
+
+
 def _stamp(p: Path) -> list[int]:
     st = p.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]

@@ -30,27 +30,28 @@ class MemoryLimitExceeded(InputError):
     """The limited command was killed by its limit, or failed to allocate under it."""
 
 
+def _status_bytes(key: str) -> int | None:
+    """A size field of /proc/self/status (VmHWM, VmRSS) in bytes; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")), None)
+    except OSError:
+        return None
+
+
 def peak_rss_bytes() -> int:
     """VmHWM on Linux: it belongs to the process image, so a child started from a big parent (a test runner that
     imported torch, say) reports its own peak. ru_maxrss survives fork+exec on Linux and would report the parent's."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
 
 
 def rss_bytes() -> int:
     """This process's resident set now (VmRSS; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def cli_command(*args: str) -> list[str]:

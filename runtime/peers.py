@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mla_edge.contract import InputError
+from mla_edge.contract import InputError, kv_elements
 
 from .memory import rss_bytes
 
@@ -74,8 +74,8 @@ def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     load = time.perf_counter() - t
-    dec = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
-    vocab = dec["vocab_size"]
+    config_model = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
+    dec, vocab = config_model["decoder"], config_model["vocab_size"]
     longest = max(kw["prompt_lens"]) + max(kw["pasts"]) + 64
 
     def empty(batch: int) -> Any:
@@ -90,14 +90,14 @@ def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
     res = measure(step, empty, vocab, **kw)
     gen = empty(1)  # the cache's element size, as genai allocates it: from a present tensor after 4 tokens
     gen.append_tokens(np.arange(4, dtype=np.int32))
-    d = dec["decoder"]
-    item = np.asarray(gen.get_output(d["outputs"]["present_key_names"] % 0)).dtype.itemsize
+    item = np.asarray(gen.get_output(dec["outputs"]["present_key_names"] % 0)).dtype.itemsize
+    per_layer = kv_elements(dec["num_key_value_heads"], dec["head_size"], dec["head_size"])
     return {
         "backend": "genai",
         "load_s": load,
         "rss_before_load_bytes": before,
-        "cache_bytes_per_token": 2 * d["num_key_value_heads"] * d["head_size"] * d["num_hidden_layers"] * item,
-        "model_bytes": sum(f.stat().st_size for f in Path(folder).glob(dec["decoder"]["filename"] + "*")),
+        "cache_bytes_per_token": per_layer * dec["num_hidden_layers"] * item,
+        "model_bytes": sum(f.stat().st_size for f in Path(folder).glob(dec["filename"] + "*")),
         **res,
     }
 
@@ -135,7 +135,7 @@ def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
     else:
         heads = int(meta[f"{arch}.attention.head_count"])
         head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
-        per_layer = 2 * int(meta.get(f"{arch}.attention.head_count_kv", heads)) * head_dim
+        per_layer = kv_elements(int(meta.get(f"{arch}.attention.head_count_kv", heads)), head_dim, head_dim)
     return {
         "cache_bytes_per_token": per_layer * layers * 2,  # llama.cpp's default f16 cache
         "backend": "llama.cpp",
