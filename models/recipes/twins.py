@@ -43,8 +43,8 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(C, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(H * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, allowed, past, bias=None):
-        """Training (allowed None, no past): fused causal attention. Otherwise the per-head K/V cache: past is
+    def forward(self, x, cos, sin, mask, past, bias=None):
+        """Training (mask None, no past): fused causal attention. Otherwise the per-head K/V cache: past is
         (k, v), each (B, P, G*D) with RoPE applied, and the present (B, T, G*D) pair comes back."""
         B, S, _ = x.shape
         H, G, D, Dr = self.cfg.num_attention_heads, self.kv_heads, self.head_dim, self.cfg.qk_rope_head_dim
@@ -53,7 +53,7 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(B, S, G, D).transpose(1, 2)
         q = torch.cat([apply_rope(q[..., :Dr], cos[:, None], sin[:, None], False), q[..., Dr:]], -1)
         k = torch.cat([apply_rope(k[..., :Dr], cos[:, None], sin[:, None], False), k[..., Dr:]], -1)
-        if allowed is None:  # plain causal over the new tokens (training): the cache is not kept
+        if mask is None:  # plain causal over the new tokens (training): the cache is not kept
             ks, vs = self._heads(k, v)
             out = F.scaled_dot_product_attention(q, ks, vs, is_causal=True)
             return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), past
@@ -62,7 +62,7 @@ class GQAttention(nn.Module):
         present = (k.transpose(1, 2).reshape(B, -1, G * D), v.transpose(1, 2).reshape(B, -1, G * D))
         ks, vs = self._heads(k, v)
         scores = (q @ ks.transpose(-1, -2)) * D**-0.5  # (B,H,S,T)
-        scores = torch.where(allowed[:, None], scores, torch.finfo(torch.float32).min)
+        scores = scores + mask  # additive (B,1,S,T)
         out = scores.softmax(-1) @ vs  # (B,H,S,D)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * D)), present
 
