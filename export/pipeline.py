@@ -325,7 +325,11 @@ def _build(
             return result
 
         options = ModelOptions(
-            attention="absorbed", cache_dtype=opts.cache_dtype, graph_weights=True, moe_op=cfg.is_moe and opts.moe_op
+            attention="absorbed",
+            cache_dtype=opts.cache_dtype,
+            graph_weights=True,
+            moe_op=cfg.is_moe and opts.moe_op,
+            rope_in_weights=True,
         )
         model = run_stage("load", lambda: load_model(model_dir, options))
         smoothing = None

@@ -21,18 +21,21 @@ from .mla import MLAForCausalLM
 
 @torch.no_grad()
 def activation_amax(model: MLAForCausalLM, windows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of every linear layer that smoothing touches, over the calibration windows."""
+    """Per-channel max |x| of every activation that smoothing moves, over the calibration windows: the outputs of
+    each layer's two norms (what the attention projections and gate/up read) and the input of each down_proj."""
     amax: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        x = x.detach().abs().flatten(0, -2).amax(0).float()
+        amax[name] = torch.maximum(amax[name], x) if name in amax else x
+
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "q_a_proj", "gate_proj",
-                                                                             "down_proj"):  # fmt: skip
-
-            def record(m: torch.nn.Module, args: tuple, name: str = name) -> None:
-                x = args[0].detach().abs().flatten(0, -2).amax(0).float()
-                amax[name] = torch.maximum(amax[name], x) if name in amax else x
-
-            hooks.append(mod.register_forward_pre_hook(record))
+        last = name.rsplit(".", 1)[-1]
+        if last in ("input_layernorm", "post_attention_layernorm"):
+            hooks.append(mod.register_forward_hook(lambda m, args, out, name=name: keep(name, out)))
+        elif isinstance(mod, torch.nn.Linear) and last == "down_proj":
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0])))
     try:
         for w in windows:
             model(torch.tensor([w]))
@@ -59,17 +62,16 @@ def smooth(model: MLAForCausalLM, windows: list[list[int]], alpha: float = 0.5) 
     for i, layer in enumerate(layers):
         attn, p = layer.self_attn, f"model.layers.{i}."
         q = attn.q_proj if hasattr(attn, "q_proj") else attn.q_a_proj
-        q_name = p + ("self_attn.q_proj" if hasattr(attn, "q_proj") else "self_attn.q_a_proj")
         consumers = [q.weight, attn.kv_a_proj_with_mqa.weight]
-        s = _scale(amax[q_name], consumers, alpha).to(q.weight.dtype)
+        s = _scale(amax[p + "input_layernorm"], consumers, alpha).to(q.weight.dtype)
         layer.input_layernorm.weight.div_(s)
         for w in consumers:
             w.mul_(s)
         done += 1
         mlp = layer.mlp
-        if not hasattr(mlp, "gate_proj") or p + "mlp.gate_proj" not in amax:
+        if not hasattr(mlp, "gate_proj"):
             continue  # an MoE layer
-        s = _scale(amax[p + "mlp.gate_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight], alpha)
+        s = _scale(amax[p + "post_attention_layernorm"], [mlp.gate_proj.weight, mlp.up_proj.weight], alpha)
         layer.post_attention_layernorm.weight.div_(s.to(mlp.gate_proj.weight.dtype))
         mlp.gate_proj.weight.mul_(s)
         mlp.up_proj.weight.mul_(s)
@@ -77,4 +79,6 @@ def smooth(model: MLAForCausalLM, windows: list[list[int]], alpha: float = 0.5) 
         mlp.up_proj.weight.div_(s[:, None])
         mlp.down_proj.weight.mul_(s)
         done += 2
+    if model.options.graph_weights:
+        model.derive_graph_weights()  # the export's derived tensors follow the smoothed weights
     return {"alpha": alpha, "windows": len(windows), "tokens": sum(map(len, windows)), "smoothed_inputs": done}

@@ -56,6 +56,36 @@ def test_naive_equals_absorbed():
         torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@torch.no_grad()
+def test_rope_in_weights_equals_rope_after(interleave, bias):
+    """The export's RoPE folded into the projections (rotated rows) computes what apply_rope does, for both rope
+    layouts and with a kv_a bias, through padding and a decode step; and a deliberately wrong rotated row shows."""
+    m = tiny(rope_interleave=interleave, attention_bias=bias)
+    if bias:  # tiny() leaves biases at 1 + noise: give the rope part of kv_a's bias some sign structure
+        m.model.layers[0].self_attn.kv_a_proj_with_mqa.bias.copy_(
+            torch.randn(m.cfg.kv_lora_rank + m.cfg.qk_rope_head_dim)
+        )
+    plain, folded = rebuild(m, graph_weights=True), rebuild(m, graph_weights=True, rope_in_weights=True)
+    x, mask = ids(2, 9), torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = positions_from_mask(mask, 9)
+    a, ca = plain(x, pos, mask)
+    b, cb = folded(x, pos, mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for pa, pb in zip(ca, cb):
+        for ta, tb in zip(pa, pb):
+            torch.testing.assert_close(ta, tb, atol=1e-5, rtol=0)
+    step = ids(2, 1, seed=1), pos[:, -1:] + 1, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    torch.testing.assert_close(plain(step[0], step[1], step[2], ca)[0], folded(step[0], step[1], step[2], cb)[0],
+                               atol=1e-5, rtol=0)  # fmt: skip
+    attn = folded.model.layers[0].self_attn
+    Dn, Dr = m.cfg.qk_nope_head_dim, m.cfg.qk_rope_head_dim
+    attn.q_rope_w[Dn + Dr] *= -1  # head 0's first rotated row, sign flipped: RoPE is now wrong
+    assert (folded(x, pos, mask)[0] - a).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("attention", ["naive", "absorbed"])
 @torch.no_grad()
 def test_stepwise_decode_equals_full_forward(attention):
