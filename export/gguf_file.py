@@ -6,8 +6,16 @@ What llama.cpp needs that the Hugging Face checkpoint does not say the same way:
   rows of the query projection and of `k_pe` in `kv_a_proj_with_mqa` are permuted into pairs (`rope_pairs`);
 - `kv_b_proj` is split per head into `attn_k_b` (stored transposed) and `attn_v_b`, the absorbed form its MLA uses;
 - `q_lora_rank` is written as 0 when there is none, and MLA is declared as one KV head of width R + rope;
-- a dense model gets no MoE fields but the two that llama.cpp's loader insists on (both unused);
+- a dense model gets no MoE fields but the two that llama.cpp's loader insists on (both unused); a mixture of
+  experts gets its router (`ffn_gate_inp`, V3's `exp_probs_b` bias), stacked experts (`ffn_*_exps`), shared experts
+  (`ffn_*_shexp`) and the routing fields (count, used, groups, gating function, normalization, scale);
+- YaRN is written as llama.cpp's deepseek2 reads it: factor, original context, beta_fast/slow, and
+  yarn_log_multiplier = 0.1 * mscale_all_dim, which it squares into the softmax scale as transformers does;
 - the tokenizer is GPT-2 byte-level BPE with its pre-tokenizer named as llama.cpp names it.
+What llama.cpp's deepseek2 cannot say is refused with one line: MiniCPM3 (and so LongRoPE), a YaRN whose cos/sin
+factor is not 1 (mscale != mscale_all_dim), V2's group_limited_greedy routing with more than one group (llama.cpp
+ranks groups by their two best scores, V3's rule), MoE without shared experts, and MoE layers that are not every
+layer from first_k_dense_replace on.
 """
 
 from __future__ import annotations
@@ -76,20 +84,11 @@ def write_gguf(
     import gguf
     from safetensors.torch import load_file
 
-    from mla_edge.models.config import MLAConfig
-
     model_dir, dst = Path(model_dir), Path(dst)
     if gguf_type not in GGUF_TYPES:
         raise InputError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
-    cfg = MLAConfig.from_pretrained(model_dir)
+    cfg = check_gguf(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
-    if cfg.n_routed_experts:
-        raise InputError(f"{model_dir} is a mixture-of-experts model: GGUF export is built for dense MLA models only")
-    rope_type = (raw.get("rope_parameters") or raw.get("rope_scaling") or {}).get("rope_type", "default")
-    if rope_type not in ("default", None):
-        raise InputError(f"{model_dir} uses {rope_type} rope scaling: GGUF export is built for plain RoPE only")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise InputError(f"{model_dir} has no tokenizer.json: a GGUF carries its tokenizer")
     state = {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     H, R, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                         cfg.v_head_dim)  # fmt: skip
@@ -126,8 +125,18 @@ def write_gguf(
         tensors[b + "attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :dn].transpose(0, 2, 1))  # (H, R, dn)
         tensors[b + "attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, dn:])  # (H, dv, R)
         tensors[b + "attn_output.weight"] = get(a + "o_proj.weight")
+        if not cfg.moe_layer(i):
+            for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                tensors[b + theirs + ".weight"] = get(p + f"mlp.{ours}.weight")
+            continue
+        tensors[b + "ffn_gate_inp.weight"] = get(p + "mlp.gate.weight")  # (E, C)
+        if cfg.topk_method == "noaux_tc":
+            tensors[b + "exp_probs_b.bias"] = get(p + "mlp.gate.e_score_correction_bias")
         for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-            tensors[b + theirs + ".weight"] = get(p + f"mlp.{ours}.weight")
+            experts = [get(p + f"mlp.experts.{j}.{ours}.weight") for j in range(cfg.n_routed_experts)]
+            tensors[b + theirs + "_exps.weight"] = np.stack(experts)  # (E, I, C), down (E, C, I)
+            if cfg.n_shared_experts:
+                tensors[b + theirs + "_shexp.weight"] = get(p + f"mlp.shared_experts.{ours}.weight")
     state.clear()
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -144,7 +153,7 @@ def write_gguf(
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_leading_dense_block_count(cfg.num_hidden_layers)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace if cfg.is_moe else cfg.num_hidden_layers)
     w.add_q_lora_rank(cfg.q_lora_rank or 0)
     w.add_kv_lora_rank(R)
     w.add_key_length(R + dr)
@@ -152,10 +161,31 @@ def write_gguf(
     w.add_key_length_mla(dn + dr)
     w.add_value_length_mla(dv)
     w.add_rope_dimension_count(dr)
-    # llama.cpp's deepseek2 loader reads these two even for a dense model (every layer is a leading dense block,
-    # so neither is used); no expert count, router or scaling fields are written
-    w.add_expert_feed_forward_length(cfg.intermediate_size)
-    w.add_expert_shared_count(0)
+    if cfg.is_moe:
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_count(cfg.n_shared_experts)
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_weights_scale(cfg.routed_scaling_factor)
+        # ours (as transformers): only sigmoid scores are renormalized over the chosen experts
+        w.add_expert_weights_norm(cfg.scoring_func == "sigmoid" and cfg.norm_topk_prob)
+        sigmoid = cfg.scoring_func == "sigmoid"
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+        if cfg.topk_method == "noaux_tc" and cfg.n_group > 1:
+            w.add_expert_group_count(cfg.n_group)
+            w.add_expert_group_used_count(cfg.topk_group)
+    else:
+        # llama.cpp's deepseek2 loader reads these two even for a dense model (every layer is a leading dense
+        # block, so neither is used); no expert count, router or scaling fields are written
+        w.add_expert_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_shared_count(0)
+    if (rs := cfg.rope_scaling) is not None:  # YaRN (anything else was refused)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rs.factor)
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
+        w.add_rope_scaling_yarn_log_mul(0.1 * (rs.mscale_all_dim or 0.0))
+        w.add_rope_scaling_yarn_beta_fast(rs.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(rs.beta_slow)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(w, model_dir, cfg.bos_token_id, cfg.eos_token_id[0] if cfg.eos_token_id else None)
@@ -182,6 +212,42 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
     return {"path": dst.name, "gguf_type": gguf_type, "tensors": len(tensors), "rope_permuted": not np.array_equal(
         perm, np.arange(dr)), "types": sorted(set(types.values()))}  # fmt: skip
+
+
+def check_gguf(model_dir: str | Path) -> Any:
+    """The model's config, or one clear line for what llama.cpp's deepseek2 cannot compute the way the checkpoint
+    does; run before any export work, so that a refused model leaves nothing behind."""
+    from mla_edge.models.config import MLAConfig
+    from mla_edge.models.rope import inv_freq_and_factor
+
+    model_dir = Path(model_dir)
+    cfg = MLAConfig.from_pretrained(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir} has no tokenizer.json: a GGUF carries its tokenizer")
+
+    if cfg.model_type == "minicpm3":  # scaled embeddings, residuals and logits: llama.cpp's own minicpm3 arch
+        raise InputError(f"{model_dir} is MiniCPM3: llama.cpp runs it as its minicpm3 architecture, not built here")
+    rs = cfg.rope_scaling
+    if rs is not None and rs.rope_type != "yarn":
+        raise InputError(f"{model_dir} uses {rs.rope_type} rope scaling: llama.cpp's deepseek2 has YaRN only")
+    if rs is not None and abs(inv_freq_and_factor(cfg)[1] - 1.0) > 1e-6:
+        raise InputError(
+            f"{model_dir}: YaRN with mscale {rs.mscale} != mscale_all_dim {rs.mscale_all_dim} scales cos/sin, which "
+            "llama.cpp's deepseek2 does not (it takes only the softmax scale from mscale_all_dim)"
+        )
+    if not cfg.n_routed_experts:
+        return cfg
+    if cfg.topk_method == "group_limited_greedy" and cfg.n_group > 1:
+        raise InputError(
+            f"{model_dir}: group_limited_greedy routing (groups ranked by their best score) has no llama.cpp "
+            "equivalent (it ranks groups by their two best scores, DeepSeek-V3's noaux_tc rule)"
+        )
+    if not cfg.n_shared_experts:
+        raise InputError(f"{model_dir}: llama.cpp's deepseek2 needs shared experts (n_shared_experts is 0)")
+    moe = [i for i in range(cfg.num_hidden_layers) if cfg.moe_layer(i)]
+    if moe != list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)):
+        raise InputError(f"{model_dir}: llama.cpp's deepseek2 needs every layer from first_k_dense_replace on as MoE")
+    return cfg
 
 
 def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0", force: bool = False) -> dict:

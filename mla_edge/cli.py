@@ -159,6 +159,10 @@ def cmd_export(a: argparse.Namespace) -> int:
             raise UserError(f"--format {a.format} with --cache-dtype int8: {a.format} cannot keep an int8 latent cache")
         from mla_edge.contract import MANIFEST
 
+        if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
+            from mla_edge.export.gguf_file import check_gguf
+
+            check_gguf(model_dir)
         if not (out / MANIFEST).is_file():
             export_folder(model_dir, out, opts)
         if a.format == "gguf":

@@ -135,3 +135,118 @@ def test_genai_runs_our_latent_cache_with_its_own_loop_and_search(demo_gguf):
             g.generate_next_token()
             theirs.append(int(g.get_next_tokens()[0]))
         assert theirs == ours, prompt
+
+
+# ---- mixtures of experts and YaRN: real DeepSeek checkpoints (V2-Lite, V3, Moonlight) are both --------------------
+
+
+def _real_shape_checkpoint(folder, case):
+    """A tiny checkpoint from transformers' own classes with a tokenizer beside it: an MoE case of test_moe, or
+    "yarn" (dense V3, YaRN with mscale == mscale_all_dim as the real configs have, rotate-half rope, q LoRA)."""
+    import test_moe
+    from conftest import TINY, YARN, hf_model, make_tokenizer, save_hf
+
+    if case == "yarn":
+        save_hf(hf_model(q_lora_rank=12, rope_interleave=False, yarn=True, vocab_size=320), folder)
+        cfg = json.loads((folder / "config.json").read_text())  # our model reads it; transformers' is not run
+        cfg["rope_parameters"] = {**YARN, "mscale": YARN["mscale_all_dim"]}
+        (folder / "config.json").write_text(json.dumps(cfg))
+    else:
+        kind, extra = test_moe.CASES[case]
+        save_hf(test_moe.moe_model(kind, {**extra, "vocab_size": 320}), folder)
+    make_tokenizer(folder / "tokenizer.json", 320)
+    assert TINY["vocab_size"] != 320  # the override above is what makes the tokenizer fit
+    return folder
+
+
+def test_moe_gguf_has_router_experts_and_routing_fields(tmp_path):
+    import gguf
+
+    from mla_edge.export.gguf_file import write_gguf
+
+    m = _real_shape_checkpoint(tmp_path / "m", "v3-noaux-tc-shared")
+    write_gguf(m, tmp_path / "m.gguf", "f32")
+    sd = {k: v.float().numpy() for k, v in load_file(str(m / "model.safetensors")).items()}
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    got = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    f = {x.name: x.contents() for x in reader.fields.values()}
+    counts = (f["deepseek2.expert_count"], f["deepseek2.expert_used_count"], f["deepseek2.expert_shared_count"])
+    assert counts == (8, 2, 1)
+    assert (f["deepseek2.expert_group_count"], f["deepseek2.expert_group_used_count"]) == (4, 2)
+    assert f["deepseek2.expert_gating_func"] == int(gguf.ExpertGatingFuncType.SIGMOID)
+    assert f["deepseek2.expert_weights_norm"] is True and f["deepseek2.expert_weights_scale"] == pytest.approx(2.5)
+    assert f["deepseek2.leading_dense_block_count"] == 1 and f["deepseek2.expert_feed_forward_length"] == 12
+    p = "model.layers.1.mlp."
+    assert np.array_equal(got["blk.1.ffn_gate_inp.weight"], sd[p + "gate.weight"])
+    assert np.array_equal(got["blk.1.exp_probs_b.bias"], sd[p + "gate.e_score_correction_bias"])
+    for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+        want = np.stack([sd[p + f"experts.{j}.{ours}.weight"] for j in range(8)])
+        assert np.array_equal(got[f"blk.1.{theirs}_exps.weight"], want)
+        assert np.array_equal(got[f"blk.1.{theirs}_shexp.weight"], sd[p + f"shared_experts.{ours}.weight"])
+        assert np.array_equal(got[f"blk.0.{theirs}.weight"], sd[f"model.layers.0.mlp.{ours}.weight"])  # dense layer 0
+
+
+def test_yarn_gguf_fields(tmp_path):
+    import gguf
+
+    from mla_edge.export.gguf_file import write_gguf
+
+    m = _real_shape_checkpoint(tmp_path / "m", "yarn")
+    write_gguf(m, tmp_path / "m.gguf", "f32")
+    f = {x.name: x.contents() for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.values()}
+    assert f["deepseek2.rope.scaling.type"] == "yarn" and f["deepseek2.rope.scaling.factor"] == pytest.approx(4.0)
+    assert f["deepseek2.rope.scaling.original_context_length"] == 32
+    assert f["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
+    assert "deepseek2.expert_count" not in f
+    from mla_edge.models.checkpoint import load_model
+
+    assert load_model(m).cfg.rope_scaling.factor == 4.0  # and our model reads it as YaRN
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("case", ["v2-greedy-shared", "v3-noaux-tc-shared", "yarn"])
+def test_llama_cpp_logits_equal_ours_for_moe_and_yarn(tmp_path, case):
+    """llama.cpp on our GGUF = our PyTorch model (= transformers, test_moe / test_parity_hf), every position's
+    logits over 40 tokens: past YaRN's original 32-token context, through both routers and the shared experts."""
+    import llama_cpp
+
+    from mla_edge.export.gguf_file import write_gguf
+    from mla_edge.models.checkpoint import load_model
+
+    m = _real_shape_checkpoint(tmp_path / "m", case)
+    write_gguf(m, tmp_path / "m.gguf", "f32")
+    ids = [int(t) for t in np.random.default_rng(0).integers(1, 320, 40)]
+    with torch.no_grad():
+        want = load_model(m)(torch.tensor([ids]))[0][0].numpy()
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, flash_attn=False, type_k=0, type_v=0,
+                          n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(want).max() > 1.0
+    assert np.abs(got - want).max() <= 1e-4, case
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("v2-group-limited", "group_limited_greedy routing"),
+        ("v3-noaux-tc-no-shared", "needs shared experts"),
+        ("yarn-mscale", "mscale 0.8 != mscale_all_dim 0.707"),
+        ("minicpm3", "is MiniCPM3: llama.cpp runs it as its minicpm3 architecture"),
+    ],
+)
+def test_gguf_refuses_what_llama_cpp_cannot_say_before_any_work(tmp_path, capsys, case, expect):
+    from conftest import hf_model, make_tokenizer, save_hf
+
+    if case in ("yarn-mscale", "minicpm3"):
+        kind = "minicpm3" if case == "minicpm3" else "deepseek_v3"
+        m = save_hf(hf_model(kind, yarn=True, vocab_size=320), tmp_path / "m")
+        make_tokenizer(m / "tokenizer.json", 320)
+    else:
+        m = _real_shape_checkpoint(tmp_path / "m", case)
+    capsys.readouterr()  # transformers' own output while the checkpoint was written
+    out = tmp_path / "out"
+    assert main(["export", str(m), "-o", str(out), "--format", "gguf", "--gguf-type", "f32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not out.exists()  # refused before the ONNX export it would sit beside
