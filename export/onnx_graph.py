@@ -59,7 +59,8 @@ def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype
         if contract.element_type(kind) == "int8":
             cache.append(torch.randint(-127, 128, shape, generator=g, dtype=torch.int8))
         else:
-            cache.append(torch.rand(shape, generator=g) + (0.01 if kind.endswith("_scale") else -0.5))
+            x = torch.rand(shape, generator=g) + (0.01 if kind.endswith("_scale") else -0.5)
+            cache.append(x.half() if contract.element_type(kind) == "float16" else x)
     return (ids, mask, pos, *cache)
 
 

@@ -57,7 +57,7 @@ class ExportOptions:
     force: bool = False
     progress: bool = True
     ort_format: bool = True  # also write model.<precision>.ort, optimized for this machine
-    cache_dtype: str = "fp32"  # or "int8": the latent stored as int8 with a per-token scale
+    cache_dtype: str = "fp32"  # "fp16" (stored half, attended fp32), or "int8" with a per-token scale
     static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
     static_chunk: int = 16  # tokens per static prefill chunk
     static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for QNN)
@@ -112,7 +112,9 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
         if not 1 <= opts.static_chunk < opts.static_cache:
             raise ExportError(f"--static-chunk must be between 1 and --static-cache - 1, got {opts.static_chunk}")
         if opts.cache_dtype != "fp32":
-            raise ExportError("the static protocol keeps an fp32 cache: drop --cache-dtype int8 or --static-cache")
+            raise ExportError(
+                f"the static protocol keeps an fp32 cache: drop --cache-dtype {opts.cache_dtype} or --static-cache"
+            )
         rs = cfg.rope_scaling
         if rs is not None and rs.rope_type == "longrope" and opts.static_cache > rs.original_max_position_embeddings:
             raise ExportError(

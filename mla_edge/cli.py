@@ -156,7 +156,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     if a.format != "onnx":  # a GGUF or a genai graph sits beside an export, listed in its manifest
         if a.cache_dtype != "fp32":
-            raise UserError(f"--format {a.format} with --cache-dtype int8: {a.format} cannot keep an int8 latent cache")
+            raise UserError(
+                f"--format {a.format} with --cache-dtype {a.cache_dtype}: {a.format} cannot keep an "
+                f"{a.cache_dtype} latent cache (llama.cpp chooses its cache type at load; genai's graph is ours)"
+            )
         from mla_edge.contract import MANIFEST
 
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work

@@ -35,7 +35,7 @@ class InputError(ValueError):
 # ---- one vocabulary for precision and dtype ------------------------------------------------------------------------
 # weight precisions of an export (one graph file each)
 PRECISIONS = ("fp32", "int8", "int4", "int8-qdq", "w8a32", "int8-block")
-CACHE_DTYPES = ("fp32", "int8")  # how the latent cache is stored
+CACHE_DTYPES = ("fp32", "fp16", "int8")  # how the latent cache is stored (fp16: computed in fp32)
 PLAN_DTYPES = ("fp32", "fp16", "int8")  # what the budget planner compares, for weights and cache alike
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 # The element type of each name, as numpy/ONNX spell it (graph specs in the manifest use these).
@@ -119,7 +119,7 @@ class CacheContract:
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.dtype not in (*CACHE_DTYPES, "fp16"):
+        if self.dtype not in CACHE_DTYPES:
             raise InputError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
 
     @classmethod

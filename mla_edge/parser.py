@@ -39,7 +39,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated), "
     "w8a32 (int8 weights, fp32 activations), int8-block (int8 weights and activations by blocks: real LLMs' int8)",
     "calibration": "text for int8-qdq calibration (default for the demo model: its calibration.txt)",
-    "cache_dtype": "latent cache storage: fp32, or int8 with a per-token scale (quantized in the graph)",
+    "cache_dtype": "latent cache storage: fp32, fp16 (half the bytes, attended in fp32), or int8 with a per-token "
+    "scale (quantized in the graph)",
     "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
     "nnapi, qnn",
     "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",

@@ -84,7 +84,7 @@ def empty_cache(
     cfg: MLAConfig, batch: int, dtype: torch.dtype = torch.float32, cache_dtype: str = "fp32"
 ) -> LatentCache:
     contract = CacheContract.from_config(cfg, cache_dtype)
-    torch_dtype = {"float32": dtype, "int8": torch.int8}
+    torch_dtype = {"float32": dtype, "float16": torch.float16, "int8": torch.int8}
     return [
         tuple(
             torch.zeros(batch, 0, contract.width(k), dtype=torch_dtype[contract.element_type(k)])
@@ -344,6 +344,9 @@ class MLAttention(nn.Module):
             new = (*quant(c_new, self.layer, "c_kv"), *quant(pe_new, self.layer, "k_pe"))
             present = tuple(torch.cat([p, n], dim=1) for p, n in zip(past, new))  # c_kv, scale, k_pe, scale
             c_kv, k_pe = present[0].float() * present[1], present[2].float() * present[3]
+        elif self.options.cache_dtype == "fp16":  # stored in fp16 (llama.cpp's default), attended in fp32
+            present = (torch.cat([past[0], c_new.half()], dim=1), torch.cat([past[1], pe_new.half()], dim=1))
+            c_kv, k_pe = present[0].to(c_new.dtype), present[1].to(pe_new.dtype)
         else:
             c_kv = torch.cat([past[0], c_new], dim=1)  # (B,T,R)
             k_pe = torch.cat([past[1], pe_new], dim=1)  # (B,T,Dr)

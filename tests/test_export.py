@@ -249,3 +249,33 @@ def test_int8_latent_cache_export(exported, tmp_path):
     assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(
         model, prompt, 20
     )
+
+
+def test_fp16_cache_export_matches_pytorch_and_halves_the_bytes(exported, tmp_path):
+    """--cache-dtype fp16: the latent stored in half precision (as llama.cpp stores it by default) and attended in
+    fp32; the graph's cache I/O is float16, the manifest says half the bytes, and ONNX = PyTorch with the same
+    rounding, through padding, chunked prefill and greedy generation."""
+    from mla_edge.runtime.generate import Generator
+
+    _, hf_dir, _ = exported
+    out = tmp_path / "f16cache"
+    man = export_folder(
+        hf_dir, out, ExportOptions(require_tokenizer=False, quantize=("int8",), cache_dtype="fp16", progress=False)
+    )
+    assert man["cache"]["dtype"] == "fp16" and man["cache"]["bytes_per_token"] == 2 * (16 + 8) * 2
+    graph = onnx.load(str(out / "model.onnx")).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    assert types["past.1.c_kv"] == types["present.1.k_pe"] == onnx.TensorProto.FLOAT16
+    model = load_model(hf_dir, ModelOptions(cache_dtype="fp16"))
+    sess = LatentSession(out, "fp32")
+    assert sess.empty_cache(1)["past.0.c_kv"].dtype == np.float16
+    r, lens = rows(2, [11, 6], 16)
+    rep = teacher_forced(model, sess, r, lens, 16, chunk=4)
+    assert rep["max_abs_logit_diff"] <= 1e-4 and rep["top1_agreement"] == 1.0
+    fp32 = teacher_forced(load_model(hf_dir), sess_fp32 := LatentSession(exported[2], "fp32"), r, lens, 16, chunk=4)
+    assert fp32["max_abs_logit_diff"] <= 1e-4 and sess_fp32.past_specs[0][2] == np.float32
+    prompt = rows(1, [9], 0)[0][0]
+    assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(
+        model, prompt, 20
+    )
+    assert Generator(out, "int8").generate_ids([prompt], max_new_tokens=4, eos=False)[0].token_ids  # int8 runs too
