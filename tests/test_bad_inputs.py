@@ -363,7 +363,7 @@ def api_cases(w):
         ("export-badtok", lambda: export_folder(w["badtok"], w["root"] / "e4"), InputError),
         (
             "export-cache",
-            lambda: export_folder(w["hf"], w["root"] / "e5", ExportOptions(cache_dtype="fp16")),
+            lambda: export_folder(w["hf"], w["root"] / "e5", ExportOptions(cache_dtype="fp8")),
             InputError,
         ),
     ]
