@@ -20,7 +20,7 @@ from mla_edge.contract import MANIFEST, InputError, comparison
 from mla_edge.models import DEMO_DIR
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.generate import Generator
-from mla_edge.runtime.manifest import FORMAT_VERSION, Manifest, cache_root, demo_export_dir
+from mla_edge.runtime.manifest import EXPORT_REVISION, FORMAT_VERSION, Manifest, cache_root, demo_export_dir
 
 from .parity import format_table, run_parity
 from .pipeline import ExportOptions, export_folder
@@ -148,7 +148,7 @@ def run_smollm2_demo(
     with src.open("rb") as f:  # the first MiB names the weights well enough for a cache key (header + first tensors)
         tag = hashlib.sha256(f.read(2**20) + str(src.stat().st_size).encode()).hexdigest()[:12]
     model_dir = cache_root() / f"{src.stem}-mla-r{kv_lora_rank}-d{rope_dim}-{tag}"
-    export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}")
+    export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}.{EXPORT_REVISION}")
     calibration = DEMO_DIR / "convert_calibration.txt"
     report: dict = {"gguf": str(src), "model_dir": str(model_dir), "export_dir": str(export_dir)}
 

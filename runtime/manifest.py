@@ -210,9 +210,14 @@ def cache_root() -> Path:
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mla-edge"
 
 
+# Bumped when the exported graph changes but its contract does not (3: additive mask made once, RoPE in the
+# projections): the cached demo exports are keyed by it, so `mla-edge demo` and bench's default re-export.
+EXPORT_REVISION = 3
+
+
 def demo_export_dir() -> Path:
     """One folder per demo-weights version and manifest format (`mla-edge demo` writes it; generate and bench
     default to it)."""
     weights = DEMO_DIR / "model.safetensors"
     tag = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "missing"
-    return cache_root() / f"demo-{tag}-v{FORMAT_VERSION}"
+    return cache_root() / f"demo-{tag}-v{FORMAT_VERSION}.{EXPORT_REVISION}"
