@@ -209,7 +209,7 @@ def _static(
     from . import quantize as q
     from .onnx_graph import export_static, model_files
 
-    device = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=True)).eval()
+    device = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=True, rope_in_weights=True)).eval()
     device.load_state_dict(model.state_dict(), assign=True)  # the same weight tensors: no second copy
     n, c = opts.static_cache or 0, opts.static_chunk
     graphs = {

@@ -54,7 +54,7 @@ class ModelOptions:
     moe_op         for the dynamic graph: MoE layers export as onnxruntime's com.microsoft MoE op, which runs only
                    the chosen experts (needs graph_weights and MLAForCausalLM.stack_experts after loading); PyTorch
                    itself always computes the dense form, so parity tests compare the two
-    rope_in_weights  for the dynamic graph: the RoPE rotation folded into the projections (needs graph_weights): the
+    rope_in_weights  for the exported graphs: the RoPE rotation folded into the projections (needs graph_weights): the
                    query and kv_a projections also emit their rope part rotated by 90 degrees, so RoPE is x*cos +
                    x_rot*sin, 3 nodes instead of 8 (plus a Split) per query and key: 11 fewer nodes per layer
     """
@@ -76,8 +76,8 @@ class ModelOptions:
             raise InputError("graph_weights holds the absorbed weights: it needs attention='absorbed'")
         if self.moe_op and (not self.graph_weights or self.device_ops):
             raise InputError("moe_op is for the dynamic graph: it needs graph_weights and no device_ops")
-        if self.rope_in_weights and (not self.graph_weights or self.device_ops):
-            raise InputError("rope_in_weights is for the dynamic graph: it needs graph_weights and no device_ops")
+        if self.rope_in_weights and not self.graph_weights:
+            raise InputError("rope_in_weights is for the exported graphs: it needs graph_weights")
 
 
 def empty_cache(
@@ -528,5 +528,7 @@ class MLAForCausalLM(nn.Module):
         new rows (c_kv (1,S,R), k_pe (1,S,Dr)), which the host writes into its buffers."""
         if self.options.attention != "absorbed" or self.options.cache_dtype != "fp32":
             raise InputError("the static protocol runs the absorbed form over an fp32 cache")
+        if self.options.rope_in_weights:  # the protocol's rows are (1,S,Dr/2): doubled once here (see rope_rows)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         h, rows = self._decode_layers(input_ids, cos, sin, None, buffers, attn_bias)
         return self._logits(h), rows
