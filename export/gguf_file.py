@@ -14,8 +14,7 @@ What llama.cpp needs that the Hugging Face checkpoint does not say the same way:
 - the tokenizer is GPT-2 byte-level BPE with its pre-tokenizer named as llama.cpp names it.
 What llama.cpp's deepseek2 cannot say is refused with one line: MiniCPM3 (and so LongRoPE), a YaRN whose cos/sin
 factor is not 1 (mscale != mscale_all_dim), V2's group_limited_greedy routing with more than one group (llama.cpp
-ranks groups by their two best scores, V3's rule), MoE without shared experts, and MoE layers that are not every
-layer from first_k_dense_replace on.
+ranks groups by their two best scores, V3's rule), and MoE without shared experts.
 """
 
 from __future__ import annotations
@@ -135,8 +134,7 @@ def write_gguf(
         for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
             experts = [get(p + f"mlp.experts.{j}.{ours}.weight") for j in range(cfg.n_routed_experts)]
             tensors[b + theirs + "_exps.weight"] = np.stack(experts)  # (E, I, C), down (E, C, I)
-            if cfg.n_shared_experts:
-                tensors[b + theirs + "_shexp.weight"] = get(p + f"mlp.shared_experts.{ours}.weight")
+            tensors[b + theirs + "_shexp.weight"] = get(p + f"mlp.shared_experts.{ours}.weight")  # always some
     state.clear()
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -169,8 +167,7 @@ def write_gguf(
         w.add_expert_weights_scale(cfg.routed_scaling_factor)
         # ours (as transformers): only sigmoid scores are renormalized over the chosen experts
         w.add_expert_weights_norm(cfg.scoring_func == "sigmoid" and cfg.norm_topk_prob)
-        sigmoid = cfg.scoring_func == "sigmoid"
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType[cfg.scoring_func.upper()])  # softmax | sigmoid
         if cfg.topk_method == "noaux_tc" and cfg.n_group > 1:
             w.add_expert_group_count(cfg.n_group)
             w.add_expert_group_used_count(cfg.topk_group)
@@ -224,7 +221,6 @@ def check_gguf(model_dir: str | Path) -> Any:
     cfg = MLAConfig.from_pretrained(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir} has no tokenizer.json: a GGUF carries its tokenizer")
-
     if cfg.model_type == "minicpm3":  # scaled embeddings, residuals and logits: llama.cpp's own minicpm3 arch
         raise InputError(f"{model_dir} is MiniCPM3: llama.cpp runs it as its minicpm3 architecture, not built here")
     rs = cfg.rope_scaling
@@ -244,10 +240,7 @@ def check_gguf(model_dir: str | Path) -> Any:
         )
     if not cfg.n_shared_experts:
         raise InputError(f"{model_dir}: llama.cpp's deepseek2 needs shared experts (n_shared_experts is 0)")
-    moe = [i for i in range(cfg.num_hidden_layers) if cfg.moe_layer(i)]
-    if moe != list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)):
-        raise InputError(f"{model_dir}: llama.cpp's deepseek2 needs every layer from first_k_dense_replace on as MoE")
-    return cfg
+    return cfg  # (MoE layers are every layer from first_k_dense_replace on, in our config as in llama.cpp's)
 
 
 def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0", force: bool = False) -> dict:

@@ -160,8 +160,6 @@ def cmd_export(a: argparse.Namespace) -> int:
                 f"--format {a.format} with --cache-dtype {a.cache_dtype}: {a.format} cannot keep an "
                 f"{a.cache_dtype} latent cache (llama.cpp chooses its cache type at load; genai's graph is ours)"
             )
-        from mla_edge.contract import MANIFEST
-
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
             from mla_edge.export.gguf_file import check_gguf
 

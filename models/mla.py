@@ -312,9 +312,9 @@ class MLAttention(nn.Module):
         return (self.w_uk, self.w_uv_t) if self.options.graph_weights else self.split_kv_b()
 
     def forward(self, x, cos, sin, mask, past, bias=None):
-        """x (B,S,C); cos/sin (B,S,Dr/2); mask: additive (B,1,S,T) (see additive_mask), or None for plain causal
-        with no past; past: this layer's
-        cache entries (see LatentCache). Returns out (B,S,C) and the present entries (length T = P + S).
+        """x (B,S,C); cos/sin (B,S,Dr/2), or (B,S,Dr) doubled with rope_in_weights; mask: additive (B,1,S,T) (see
+        additive_mask), or None for plain causal with no past; past: this layer's cache entries (see LatentCache).
+        Returns out (B,S,C) and the present entries (length T = P + S).
         With `bias` (1,S,N+S), the static protocol instead: past is the fixed buffer (c_kv (1,N,R), k_pe (1,N,Dr)),
         bias the additive mask over its slots and the new tokens, and only the S new rows come back."""
         cfg = self.cfg
@@ -499,13 +499,13 @@ class MLAForCausalLM(nn.Module):
             past_original = position_ids.max() + 1 > self.cfg.rope_scaling.original_max_position_embeddings  # type: ignore[union-attr]
             inv_freq = torch.where(past_original, self.long_inv_freq, self.inv_freq)
         cos, sin = cos_sin(inv_freq, self.rope_factor, position_ids)
-        if self.options.rope_in_weights:  # doubled once here, for every layer (see rope_rows)
-            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         # None = plain causal over S new tokens with no past and no padding (lets training use fused SDPA)
         mask = None if plain else additive_mask(attention_mask, S)
         return self._decode_layers(input_ids, cos, sin, mask, cache)
 
     def _decode_layers(self, input_ids, cos, sin, mask, cache, bias=None):
+        if self.options.rope_in_weights:  # cos/sin (B,S,Dr/2) doubled once, for every layer (see rope_rows)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         h = self.model.embed_tokens(input_ids)
         if self.cfg.scale_emb != 1.0:
             h = h * self.cfg.scale_emb
@@ -528,7 +528,5 @@ class MLAForCausalLM(nn.Module):
         new rows (c_kv (1,S,R), k_pe (1,S,Dr)), which the host writes into its buffers."""
         if self.options.attention != "absorbed" or self.options.cache_dtype != "fp32":
             raise InputError("the static protocol runs the absorbed form over an fp32 cache")
-        if self.options.rope_in_weights:  # the protocol's rows are (1,S,Dr/2): doubled once here (see rope_rows)
-            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         h, rows = self._decode_layers(input_ids, cos, sin, None, buffers, attn_bias)
         return self._logits(h), rows
