@@ -250,11 +250,7 @@ def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0"
 
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)  # one clear line when OUT_DIR is not an export
-    if manifest.data["cache"]["dtype"] != "fp32":
-        raise InputError(
-            f"{out_dir} keeps an {manifest.data['cache']['dtype']} latent cache, which a GGUF cannot say (llama.cpp "
-            "picks its cache type at load time): export with --cache-dtype fp32"
-        )
+    # the export's own cache dtype says nothing to a GGUF: llama.cpp picks its cache type at load (f16 by default)
     dst = out_dir / f"model.{gguf_type}.gguf"
     if dst.exists() and not force:
         raise InputError(f"{dst} already exists; pass --force to replace it")

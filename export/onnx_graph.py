@@ -18,10 +18,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from mla_edge.contract import BATCH, PAST_LEN, SEQ, TOTAL_LEN, CacheContract, dynamic_graph, static_graph
+from mla_edge.contract import (
+    BATCH,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    PAST_LEN,
+    SEQ,
+    TOTAL_LEN,
+    CacheContract,
+    dynamic_graph,
+    static_graph,
+)
 from mla_edge.models.mla import MLAForCausalLM
 
 DEFAULT_OPSET = 21  # int4 (MatMulNBits/GatherBlockQuantized) needs 21
@@ -182,6 +193,8 @@ def trace(module: nn.Module, inputs: tuple, spec: dict, path: str | Path, opset:
     del program
     proto = onnx.load(str(path), load_external_data=False)  # the graph only; external weights stay where they are
     name_dims(proto, spec)
+    if "optional_inputs" in spec:
+        keep_last_logits(proto)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
@@ -216,6 +229,41 @@ def name_dims(proto, specs: dict) -> None:
                 if isinstance(want, str):
                     dim.ClearField("dim_value")
                     dim.dim_param = want
+
+
+def keep_last_logits(proto) -> None:
+    """The contract's optional logits_to_keep: Slice the LM head's input to its last k positions (starts = -k; k = 0,
+    the default, keeps all). An input that is also an initializer is one a caller may override or leave alone, so
+    callers that never heard of it (onnxruntime-genai, older runtimes) still get every position."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    head = next((n for n in g.node if LOGITS in n.output), None)
+    weights = {t.name for t in g.initializer}
+    if head is None or head.op_type != "MatMul" or head.input[0] in weights or head.input[1] not in weights:
+        raise RuntimeError(f"the LM head is not MatMul(hidden, weight): {head and head.op_type}")
+    x, kept = head.input[0], "lm_head_input_kept"
+    g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP),
+            numpy_helper.from_array(np.asarray([np.iinfo(np.int64).max], np.int64), "logits_to_keep_end"),
+            numpy_helper.from_array(np.ones(1, np.int64), "logits_to_keep_axis"),
+        ]
+    )
+    nodes = [
+        helper.make_node("Neg", [LOGITS_TO_KEEP], ["logits_to_keep_start"], name="logits_to_keep_neg"),
+        helper.make_node(
+            "Slice",
+            [x, "logits_to_keep_start", "logits_to_keep_end", "logits_to_keep_axis"],
+            [kept],
+            name="logits_to_keep_slice",
+        ),
+    ]
+    at = list(g.node).index(head)
+    for k, node in enumerate(nodes):
+        g.node.insert(at + k, node)
+    head.input[0] = kept
 
 
 def save_ort_format(src: Path, dst: Path) -> bool:

@@ -24,19 +24,22 @@ from mla_edge.runtime.session import LatentSession
 DEFAULT_PROMPTS = ("The old house stood at the end of the lane, and", "She looked at him")
 
 
-def _torch_step(model: MLAForCausalLM, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: Any) -> tuple:
+def _torch_step(
+    model: MLAForCausalLM, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: Any, logits_to_keep: int = 0
+) -> tuple:
     with torch.inference_mode():
-        logits, cache = model(torch.as_tensor(ids), torch.as_tensor(pos), torch.as_tensor(mask), cache)
+        logits, cache = model(torch.as_tensor(ids), torch.as_tensor(pos), torch.as_tensor(mask), cache, logits_to_keep)
     return logits.numpy(), cache
 
 
 def torch_backend(model_dir: str | Path, threads: int) -> tuple[Callable, Callable, int]:
     """PyTorch eager fp32 (absorbed) as the benchmark's baseline: (step, empty_cache(batch), vocab size), where
-    step(ids, mask, positions, cache) -> (numpy logits, cache) matches LatentSession.step."""
+    step(ids, mask, positions, cache) -> (numpy logits of the last position, cache), as the benchmark calls
+    LatentSession.step."""
     torch.set_num_threads(threads)
     model = load_model(model_dir, ModelOptions(attention="absorbed"))
     return (
-        lambda ids, mask, pos, cache: _torch_step(model, ids, mask, pos, cache),
+        lambda ids, mask, pos, cache: _torch_step(model, ids, mask, pos, cache, logits_to_keep=1),
         lambda batch: empty_cache(model.cfg, batch),
         model.cfg.vocab_size,
     )

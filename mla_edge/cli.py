@@ -155,11 +155,6 @@ def cmd_export(a: argparse.Namespace) -> int:
         smooth=a.smooth,
     )
     if a.format != "onnx":  # a GGUF or a genai graph sits beside an export, listed in its manifest
-        if a.cache_dtype != "fp32":
-            raise UserError(
-                f"--format {a.format} with --cache-dtype {a.cache_dtype}: {a.format} cannot keep an "
-                f"{a.cache_dtype} latent cache (llama.cpp chooses its cache type at load; genai's graph is ours)"
-            )
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
             from mla_edge.export.gguf_file import check_gguf
 
@@ -414,7 +409,7 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
     if a.backend.startswith("peer-"):
         from mla_edge.runtime import peers
 
-        run = peers.measure_genai if a.backend == "peer-genai" else peers.measure_llamacpp
+        run = peers.measure_genai if a.backend == "peer-genai" else peers.measure_llamacpp  # llama-cpp-python
         kw = {"repeats": a.repeats, "prompt_lens": a.prompt_lens, "pasts": a.pasts}
         kw |= {"greedy": a.greedy_prompt, "rss_run": a.rss_run}
         emit(run(a.folder, a.threads, **kw))

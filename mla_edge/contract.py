@@ -13,7 +13,9 @@ ordered 0..L-1 with c_kv before k_pe. With cache dtype "int8" each latent is int
 
 Two graph protocols share that cache:
   dynamic  cache in, cache out: past.{i}.{kind} [batch, past_len, w] -> present.{i}.{kind} [batch, total_len, w];
-           the graph concatenates. For laptops and desktops (any batch, any length).
+           the graph concatenates. For laptops and desktops (any batch, any length). An optional input,
+           logits_to_keep [1] int64 (default 0 = every position), keeps logits only for the last k positions:
+           a prompt's prefill needs one row of [vocab], not seq of them; parity and perplexity keep them all.
   static   every dim fixed, batch 1 (NPUs and mobile providers): a host-owned buffer cache.{i}.{kind} [1, N, w] of
            capacity N goes in whole, with an additive mask over its valid slots; only the S new rows come out
            (new.{i}.{kind} [1, S, w]) and the host writes them at the write index. No concatenation, no copy of the
@@ -47,11 +49,13 @@ CACHE_FORMAT = "mla-latent-v1"
 KINDS = ("c_kv", "k_pe")
 INT8_KINDS = ("c_kv", "c_kv_scale", "k_pe", "k_pe_scale")
 BATCH, PAST_LEN, SEQ, TOTAL_LEN = "batch", "past_len", "seq", "total_len"
+KEPT = "kept"  # the logits' positions: seq, or logits_to_keep of them
 
 # dynamic protocol
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 DYNAMIC_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)  # then the past names
 DYNAMIC_OUTPUTS = (LOGITS,)  # then the present names
+LOGITS_TO_KEEP = "logits_to_keep"  # optional: an overridable initializer of the graph, default 0 (all positions)
 PAST, PRESENT = "past.{layer}.{kind}", "present.{layer}.{kind}"
 
 # static protocol
@@ -191,8 +195,12 @@ def dynamic_graph(contract: CacheContract, vocab_size: int) -> dict:
     """The dynamic protocol's inputs and outputs with symbolic shapes, as the manifest records them."""
     ids: list[Any] = [BATCH, SEQ]
     inputs = [(INPUT_IDS, ids, "int64"), (ATTENTION_MASK, [BATCH, TOTAL_LEN], "int64"), (POSITION_IDS, ids, "int64")]
-    outputs = [(LOGITS, [BATCH, SEQ, vocab_size], "float32")]
-    return {"inputs": io_specs(inputs + contract.past_specs()), "outputs": io_specs(outputs + contract.present_specs())}
+    outputs = [(LOGITS, [BATCH, KEPT, vocab_size], "float32")]
+    return {
+        "inputs": io_specs(inputs + contract.past_specs()),
+        "outputs": io_specs(outputs + contract.present_specs()),
+        "optional_inputs": [{"name": LOGITS_TO_KEEP, "shape": [1], "dtype": "int64", "default": [0]}],
+    }
 
 
 def static_graph(contract: CacheContract, vocab_size: int, capacity: int, seq: int) -> dict:

@@ -39,8 +39,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated), "
     "w8a32 (int8 weights, fp32 activations), int8-block (int8 weights and activations by blocks: real LLMs' int8)",
     "calibration": "text for int8-qdq calibration (default for the demo model: its calibration.txt)",
-    "cache_dtype": "latent cache storage: fp32, fp16 (half the bytes, attended in fp32), or int8 with a per-token "
-    "scale (quantized in the graph)",
+    "cache_dtype": "latent cache storage: fp16 (default, as llama.cpp's cache: half fp32's bytes, attended in fp32), "
+    "fp32 (the default with --static-cache), or int8 with a per-token scale (quantized in the graph)",
     "provider": "auto (a mobile/accelerator provider this onnxruntime has, else the CPU), cpu, xnnpack, coreml, "
     "nnapi, qnn",
     "memory_limit": "run under an enforced memory limit, e.g. 300MB (a cgroup where writable, else RLIMIT_AS)",
@@ -116,7 +116,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--quantize", nargs="+", default=["int8"], choices=["none", *PRECISIONS[1:]], help=HELP["quantize"])
     p.add_argument("--int4-block-size", type=int, default=32, help="MatMulNBits block size (power of 2, >= 16)")
     p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
-    p.add_argument("--cache-dtype", default="fp32", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
+    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
     p.add_argument(
         "--format",
@@ -221,8 +221,9 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
         "--vs",
         action="append",
         metavar="PEER[=PATH]",
-        help="also measure a peer runtime in the same run: genai (onnxruntime-genai) or llama.cpp (llama-cpp-python) "
-        "on this export's own genai/GGUF copy, or on another model with genai=FOLDER / llama.cpp=FILE.gguf; repeatable",
+        help="also measure a peer runtime in the same run: llama.cpp (today's, built here from source once, ~15 min; "
+        "its own llama-bench), llama-cpp-python, or genai (onnxruntime-genai), on this export's own GGUF/genai copy, "
+        "or on another model with llama.cpp=FILE.gguf / genai=FOLDER; repeatable",
     )
 
     p = command("budget", h.cmd_budget, "largest context that fits a memory budget, as MLA vs MHA/GQA, by precision")

@@ -518,9 +518,12 @@ class MLAForCausalLM(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h / self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else h)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None):
+    def forward(
+        self, input_ids, position_ids=None, attention_mask=None, cache: LatentCache | None = None, logits_to_keep=0
+    ):
+        """logits_to_keep k > 0: logits for the last k positions only (a prompt needs its last); 0 keeps all."""
         h, new_cache = self.hidden_states(input_ids, position_ids, attention_mask, cache)
-        return self._logits(h), new_cache
+        return self._logits(h[:, -logits_to_keep:] if logits_to_keep else h), new_cache
 
     def forward_static(self, input_ids, cos, sin, attn_bias, buffers: LatentCache):
         """The static protocol (mla_edge.contract): batch 1, ids (1,S), RoPE rows cos/sin (1,S,Dr/2), the additive

@@ -8,6 +8,7 @@ test: nothing here asserts a timing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -62,7 +63,9 @@ def measure(
     step(ids, mask, positions, cache) -> (logits, cache) with numpy ids; the cache stays whatever type the backend
     uses, so no backend pays for conversions the other does not."""
     if rss_run:  # the generation-sized footprint: the greedy prompt continued GEN_NEW_TOKENS tokens, nothing more
-        return {"generate_tokens": len(_greedy(step, empty_cache, greedy, GEN_NEW_TOKENS))}
+        t = time.perf_counter()
+        tokens = _greedy(step, empty_cache, greedy, GEN_NEW_TOKENS, first_token_at := [])
+        return {"generate_tokens": len(tokens), "first_token_s": first_token_at[0] - t}
     rng = np.random.default_rng(0)
     out: dict = {}
     ids = rng.integers(0, vocab, (1, prompt_lens[0]), dtype=np.int64)
@@ -97,9 +100,13 @@ def measure(
     return out
 
 
-def _greedy(step: Step, empty_cache: Callable[[int], Any], prompt: tuple[int, ...], steps: int) -> list[int]:
+def _greedy(
+    step: Step, empty_cache: Callable[[int], Any], prompt: tuple[int, ...], steps: int, first_at: list | None = None
+) -> list[int]:
     logits, cache = _prefill(step, empty_cache, np.asarray([prompt], np.int64))
     tokens = [int(np.asarray(logits)[0, -1].argmax())]
+    if first_at is not None:
+        first_at.append(time.perf_counter())
     for k in range(steps - 1):
         n = len(prompt) + k
         x = np.asarray([[tokens[-1]]], np.int64)
@@ -143,7 +150,8 @@ def measure_ort(
     else:
         sess = LatentSession(out_dir, precision, "cpu", threads)
     load = time.perf_counter() - t
-    step = sess.step_bound if iobinding else sess.step
+    # a prompt's logits at its last position only (llama.cpp and genai compute no more); decode steps have one
+    step = functools.partial(sess.step_bound if iobinding else sess.step, logits_to_keep=1)
     res = measure(
         step,
         sess.empty_cache,
@@ -154,6 +162,8 @@ def measure_ort(
         greedy=greedy,
         rss_run=rss_run,
     )
+    if rss_run:  # from the start of the model's load to the prompt's first token, as llama.cpp's "load time"
+        res["load_ttft_s"] = load + res.pop("first_token_s")
     emit(
         {
             "backend": f"ort-{precision}",
@@ -235,49 +245,60 @@ def run_bench(
         ids = Tokenizer.from_file(str(manifest.tokenizer_path)).encode(GEN_PROMPT).ids[:24]
         bos = manifest.data["tokens"]["bos"]
         common += ["--greedy-prompt", ",".join(map(str, ([bos] if bos is not None else []) + ids))]
-    jobs = []
+    greedy = "--greedy-prompt" in common
+    jobs: list[tuple[str, Callable[[], dict], Callable[[], dict] | None]] = []  # name, one round, generation's RSS
+
+    def worker(name: str, *args: str) -> None:
+        cmd = cli_command(WORKER, *args, *common)
+        jobs.append((name, lambda: _run_worker(cmd), (lambda: _run_worker([*cmd, "--rss-run"])) if greedy else None))
+
     model_dir = Path(manifest.data["source"]["model_dir"])
     torch_ok = with_torch and importlib.util.find_spec("torch") is not None and (model_dir / "config.json").is_file()
     if torch_ok:
-        jobs.append(("torch-eager-fp32", cli_command(WORKER, str(model_dir), "torch", *common)))
+        worker("torch-eager-fp32", str(model_dir), "torch")
     for p in precisions:
-        jobs.append((f"ort-{p}", cli_command(WORKER, str(out_dir), p, *common)))
+        worker(f"ort-{p}", str(out_dir), p)
     if "int8" in precisions:
-        jobs.append(("ort-int8 (iobinding)", cli_command(WORKER, str(out_dir), "int8", "--iobinding", *common)))
+        worker("ort-int8 (iobinding)", str(out_dir), "int8", "--iobinding")
     static = manifest.data.get("static")
     if static and static["capacity"] >= longest + 1:  # the static graphs, where their buffer holds the benchmark
         for p in [p for p in ("fp32", "int8") if p in static["files"] and p in precisions]:
-            jobs.append((f"ort-static-{p}", cli_command(WORKER, str(out_dir), f"static-{p}", *common)))
+            worker(f"ort-static-{p}", str(out_dir), f"static-{p}")
     notes = {}
     foreign = set()  # peers running some other model: no greedy agreement with our fp32
+    peer_info: dict[str, Any] = {}
     for peer, path in peers:
-        from .peers import missing
+        from .peers import llamacpp_job, missing
 
         name = f"{peer} ({path.name})"
         if out_dir.resolve() not in (path.resolve(), path.resolve().parent):
             foreign.add(name)
         if hint := missing(peer):
             notes[name] = hint
+        elif peer == "llama.cpp":  # today's llama.cpp: its own tools, built here once
+            run, rss_run, peer_info[peer] = llamacpp_job(path, manifest, threads, prompt_lens, pasts, repeats, progress)
+            jobs.append((name, run, rss_run))
         else:
-            jobs.append((name, cli_command(WORKER, str(path), f"peer-{peer}", *common)))
-    runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+            worker(name, str(path), f"peer-{peer}")
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
     for k in range(rounds):
-        for name, cmd in jobs:
+        for name, run, _ in jobs:
             if progress:
                 progress(f"{name} (round {k + 1}/{rounds})")
-            runs[name].append(_run_worker(cmd))
-    rss: dict[str, int] = {}
-    if "--greedy-prompt" in common:
-        for name, cmd in jobs:
+            runs[name].append(run())
+    rss: dict[str, dict] = {}
+    for name, _, rss_run in jobs:
+        if rss_run:
             if progress:
-                progress(f"{name} (generate {GEN_NEW_TOKENS} tokens: peak RSS)")
-            rss[name] = _run_worker([*cmd, "--rss-run"])["peak_rss_bytes"]
+                progress(f"{name} (generate {GEN_NEW_TOKENS} tokens: peak RSS, load to first token)")
+            rss[name] = rss_run()
     rows = []
-    for name, _ in jobs:
+    for name, _, _ in jobs:
         row: dict[str, Any] = _median_rows(runs[name])
         row["name"] = name
         if name in rss:
-            row["generate_peak_rss_bytes"] = rss[name]
+            row["generate_peak_rss_bytes"] = rss[name].get("generate_peak_rss_bytes", rss[name].get("peak_rss_bytes"))
+            row["load_ttft_s"] = rss[name].get("load_ttft_s")
         rows.append(row)
     rows += [{"name": name, "note": note} for name, note in notes.items()]
     ref = next((r for r in rows if r["name"] == "ort-fp32" and "greedy" in r), None)
@@ -327,22 +348,11 @@ def run_bench(
             "target": TARGET_SPEEDUP,
             "met": int8[key] >= TARGET_SPEEDUP,
         }
-    llama = next((r for r in rows if r["name"].startswith("llama.cpp") and r["name"] not in foreign), None)
-    if int8 and llama and "note" not in llama:  # the peer targets, as ratios in this one run
-        ratios = {f"int8_decode_{k}_speed_vs_llama.cpp": (llama[f"decode_{k}_ms"] / int8[f"decode_{k}_ms"], 1.0)
-                  for k in pasts}  # fmt: skip
-        for n in prompt_lens:
-            ratios[f"int8_prefill_{n}_vs_llama.cpp"] = (int8[f"prefill_{n}_tok_s"] / llama[f"prefill_{n}_tok_s"], 1.5)
-        ratios["int8_load_speed_vs_llama.cpp"] = (llama["load_s"] / int8["load_s"], 0.5)  # load <= 2x theirs
-        for name, (ratio, target) in ratios.items():
-            report["targets"][name] = {"measured": ratio, "target": target, "met": ratio >= target}
-        if "generate_peak_rss_bytes" in int8 and "generate_peak_rss_bytes" in llama:
-            limit = llama["generate_peak_rss_bytes"] + 10 * 2**20
-            report["targets"]["int8_generate_rss_vs_llama.cpp"] = {
-                "measured_bytes": int8["generate_peak_rss_bytes"],
-                "limit_bytes": limit,
-                "met": int8["generate_peak_rss_bytes"] <= limit,
-            }
+    llama = next((r for r in rows if r["name"].startswith("llama.cpp (") and "note" not in r), None)
+    if llama:
+        report["peers"] = peer_info
+        for ours in [r for r in rows if r["name"] in ("ort-int8", "ort-int8-block", "ort-int4")]:
+            report["targets"] |= peer_targets(ours, llama, prompt_lens, pasts)
     if "int8" in precisions and manifest.tokenizer_path:
         if progress:
             progress("generate int8 (RSS)")
@@ -357,9 +367,31 @@ def run_bench(
     return report
 
 
+def peer_targets(ours: dict, peer: dict, prompt_lens: Sequence[int], pasts: Sequence[int]) -> dict:
+    """Issue 20's targets for one of our rows against today's llama.cpp, as ratios from this one run (>= 1 is ours
+    faster): decode at every past and prefill at every length at least as fast, load to first token <= 2x theirs,
+    a generation's peak RSS <= theirs + 10%."""
+    tag, out = ours["name"][4:], {}
+    ratios = {f"{tag}_decode_{k}_vs_llama.cpp": (peer.get(f"decode_{k}_ms"), ours[f"decode_{k}_ms"], 1.0) for k in pasts}
+    for n in prompt_lens:
+        ratios[f"{tag}_prefill_{n}_vs_llama.cpp"] = (ours[f"prefill_{n}_tok_s"], peer.get(f"prefill_{n}_tok_s"), 1.0)
+    ratios[f"{tag}_load_to_first_token_vs_llama.cpp"] = (peer.get("load_ttft_s"), ours.get("load_ttft_s"), 0.5)
+    for name, (num, den, target) in ratios.items():
+        if num and den:
+            out[name] = {"measured": num / den, "target": target, "met": num / den >= target}
+    if ours.get("generate_peak_rss_bytes") and peer.get("generate_peak_rss_bytes"):
+        limit = int(peer["generate_peak_rss_bytes"] * 1.10)
+        out[f"{tag}_generate_rss_vs_llama.cpp"] = {
+            "measured_bytes": ours["generate_peak_rss_bytes"],
+            "limit_bytes": limit,
+            "met": ours["generate_peak_rss_bytes"] <= limit,
+        }
+    return out
+
+
 def format_report(rep: dict) -> str:
     n, p = rep["prompt_lens"], rep["pasts"]
-    cols: list[tuple[str, str, str | None]] = [("load s", "load_s", "{:.2f}"), ("TTFT ms", "ttft_ms", "{:.1f}")]
+    cols: list[tuple[str, str, str | None]] = [("load ms", "load_s", "{:.0f}"), ("load+1st ms", "load_ttft_s", "{:.0f}")]
     cols += [(f"prefill{k} tok/s", f"prefill_{k}_tok_s", "{:,.0f}") for k in n]
     cols += [(f"decode@{k} ms", f"decode_{k}_ms", "{:.2f}") for k in p]
     cols += [
@@ -376,6 +408,8 @@ def format_report(rep: dict) -> str:
         f"{rep['rounds']} interleaved rounds)",
         "  " + f"{'backend':26s}" + "".join(f"{c[0]:>17s}" for c in cols),
     ]
+    for peer, info in rep.get("peers", {}).items():
+        lines.insert(1, f"  {peer}: {info.get('version')} ({info.get('sdist', 'built elsewhere')}; {info.get('run')})")
     for r in rep["rows"]:
         if "note" in r:
             lines.append(f"  {r['name']:26s}   {r['note']}")
@@ -383,6 +417,7 @@ def format_report(rep: dict) -> str:
         cells = []
         for _, key, fmt in cols:
             v = r.get(key)
+            v = v * 1e3 if v is not None and key.endswith("_s") else v  # seconds shown as ms
             cells.append("-" if v is None else f"{v / 2**20:,.1f}" if fmt is None else fmt.format(v))
         lines.append("  " + f"{r['name']:26s}" + "".join(f"{c:>17s}" for c in cells))
     for name, t in rep["targets"].items():

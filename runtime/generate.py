@@ -226,7 +226,7 @@ class Generator:
         cache = self.session.empty_cache(B)
         for s0 in range(0, ids.shape[1], self.prefill_chunk):  # chunked prefill: later chunks see past > 0
             s1 = min(s0 + self.prefill_chunk, ids.shape[1])
-            logits, cache = step(ids[:, s0:s1], mask[:, :s1], pos[:, s0:s1], cache)
+            logits, cache = step(ids[:, s0:s1], mask[:, :s1], pos[:, s0:s1], cache, logits_to_keep=1)
         t_first = time.perf_counter()
         last = logits[:, -1]
         history = [list(r) for r in rows]

@@ -1,8 +1,10 @@
 """Peers for `mla-edge bench --vs`: other runtimes measured by the same `bench.measure` loop, each in its own worker
 process, so that their numbers sit beside ours from one run.
 
-  genai=FOLDER      an onnxruntime-genai model folder (genai_config.json), e.g. what its model builder writes
-  llama.cpp=FILE    a GGUF run by llama.cpp through llama-cpp-python, with its defaults (f16 cache)
+  genai=FOLDER             an onnxruntime-genai model folder (genai_config.json), e.g. what its model builder writes
+  llama.cpp=FILE           a GGUF run by today's llama.cpp (runtime/llamacpp.py: built here from its source once,
+                           measured by its own llama-bench and llama-completion, its defaults: f16 cache)
+  llama-cpp-python=FILE    the same GGUF through llama-cpp-python (0.3.x bundles an older llama.cpp), by our loop
 
 A peer whose package is missing is a row that says what to pip install, not an error.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,13 @@ import numpy as np
 
 from mla_edge.contract import InputError, kv_elements
 
+from .manifest import Manifest
 from .memory import rss_bytes
 
-PEERS = {  # name -> (module, how to install it)
+PEERS = {  # name -> (module, how to install it); llama.cpp is built by runtime/llamacpp.py, not imported
     "genai": ("onnxruntime_genai", "pip install onnxruntime-genai"),
-    "llama.cpp": ("llama_cpp", "pip install llama-cpp-python (builds llama.cpp from source: ~14 min on 2 cores)"),
+    "llama.cpp": ("", "cmake and a C++ compiler (it is built from source once: ~15 min on 2 cores)"),
+    "llama-cpp-python": ("llama_cpp", "pip install llama-cpp-python (builds llama.cpp from source: ~14 min on 2 cores)"),
 }
 
 
@@ -37,7 +42,7 @@ def parse_vs(spec: str, out_dir: Path | None = None) -> tuple[str, Path]:
         if name == "genai":
             path = str(out_dir) if (out_dir / "genai_config.json").is_file() else ""
             hint = f"`mla-edge export -o {out_dir} --format genai --genai-precision int8` first"
-        else:
+        else:  # llama.cpp, llama-cpp-python
             ggufs = json.loads((out_dir / "mla_edge.json").read_text()).get("gguf", {})
             kind = next((k for k in ("q8_0", "f16", "f32") if k in ggufs), None)
             path = str(out_dir / ggufs[kind]["path"]) if kind else ""
@@ -56,6 +61,13 @@ def parse_vs(spec: str, out_dir: Path | None = None) -> tuple[str, Path]:
 def missing(name: str) -> str | None:
     """The install hint when the peer's package is not importable here, else None."""
     module, hint = PEERS[name]
+    if not module:
+        import shutil
+
+        from .llamacpp import find_tools
+
+        ok = find_tools() is not None or (shutil.which("cmake") and shutil.which("c++"))
+        return None if ok else f"cannot build: needs {hint}"
     return None if importlib.util.find_spec(module) else f"not installed: {hint}"
 
 
@@ -102,6 +114,63 @@ def measure_genai(folder: str, threads: int | None, **kw: Any) -> dict:
     }
 
 
+def llamacpp_job(
+    gguf: Path,
+    manifest: Manifest,
+    threads: int | None,
+    prompt_lens: tuple[int, ...],
+    pasts: tuple[int, ...],
+    repeats: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[Callable[[], dict], Callable[[], dict], dict]:
+    """Today's llama.cpp as one bench job: (a round: llama-bench's pp and tg at each depth, the generation: peak RSS
+    and load to first token from llama-completion, what was run). Builds the tools first where they are missing."""
+    from tokenizers import Tokenizer
+
+    from . import llamacpp
+    from .bench import GEN_NEW_TOKENS, GEN_PROMPT
+    from .session import physical_cores
+
+    llamacpp.build(progress or (lambda s: None))
+    threads = threads or physical_cores()
+    tok = Tokenizer.from_file(str(manifest.tokenizer_path)) if manifest.tokenizer_path else None
+    prompt = tok.decode(tok.encode(GEN_PROMPT).ids[:24]) if tok else GEN_PROMPT  # the prompt our rows continue
+    cache = gguf_cache_bytes(gguf)
+    info = llamacpp.build_info() | {"run": f"{threads} threads, llama.cpp's defaults (f16 cache, flash attn auto)"}
+
+    def run() -> dict:
+        res = llamacpp.run_bench(gguf, threads, prompt_lens, pasts, repeats)
+        return res | {"cache_bytes_per_token": cache, "model_bytes": gguf.stat().st_size}
+
+    def rss() -> dict:
+        return llamacpp.run_generation(gguf, prompt, GEN_NEW_TOKENS, threads, ctx=GEN_NEW_TOKENS + 64 + len(prompt))
+
+    return run, rss, info
+
+
+def gguf_cache_bytes(path: Path) -> int | None:
+    """Bytes per token of llama.cpp's default f16 K/V cache for this GGUF (gguf's reader; None without it)."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    meta = {f.name: f.contents() for f in gguf.GGUFReader(str(path)).fields.values() if not f.name.startswith("tok")}
+    return cache_bytes_from_meta(meta)
+
+
+def cache_bytes_from_meta(meta: dict) -> int:
+    """A GGUF's metadata -> its f16 cache bytes per token: MLA keeps the latent and rope key as K (V is a view of it)."""
+    arch = meta["general.architecture"]
+    layers = int(meta[f"{arch}.block_count"])
+    if f"{arch}.attention.kv_lora_rank" in meta:
+        per_layer = int(meta[f"{arch}.attention.kv_lora_rank"]) + int(meta[f"{arch}.rope.dimension_count"])
+    else:
+        heads = int(meta[f"{arch}.attention.head_count"])
+        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+        per_layer = kv_elements(int(meta.get(f"{arch}.attention.head_count_kv", heads)), head_dim, head_dim)
+    return per_layer * layers * 2
+
+
 def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
     """llama.cpp through llama-cpp-python: eval() runs the model on given ids and keeps its own KV cache."""
     import llama_cpp
@@ -127,18 +196,9 @@ def measure_llamacpp(gguf: str, threads: int | None, **kw: Any) -> dict:
         return logits.reshape(1, 1, vocab), state
 
     res = measure(step, empty, vocab, **kw)
-    meta = llm.metadata
-    arch = meta["general.architecture"]
-    layers = int(meta[f"{arch}.block_count"])
-    if f"{arch}.attention.kv_lora_rank" in meta:  # MLA: the latent (+ rope key) only, as K; V is a view of it
-        per_layer = int(meta[f"{arch}.attention.key_length"])
-    else:
-        heads = int(meta[f"{arch}.attention.head_count"])
-        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
-        per_layer = kv_elements(int(meta.get(f"{arch}.attention.head_count_kv", heads)), head_dim, head_dim)
     return {
-        "cache_bytes_per_token": per_layer * layers * 2,  # llama.cpp's default f16 cache
-        "backend": "llama.cpp",
+        "cache_bytes_per_token": cache_bytes_from_meta(llm.metadata),  # llama.cpp's default f16 cache
+        "backend": "llama-cpp-python",
         "load_s": load,
         "rss_before_load_bytes": before,
         "model_bytes": Path(gguf).stat().st_size,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, InputError
+from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, InputError
 
 from .manifest import Manifest, ManifestError, ort_target
 
@@ -172,24 +172,40 @@ class LatentSession:
         self.past_specs = [(n, inputs[n]["shape"][2], np.dtype(inputs[n]["dtype"])) for n in self.past_names]
         self.vocab_size = m["model"]["vocab_size"]
         self.max_context = m["max_context"]
+        # exports older than logits_to_keep compute every position's logits; step slices them instead
+        self.keeps_logits = any(v["name"] == LOGITS_TO_KEEP for v in m["graph"].get("optional_inputs", []))
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, 0, w), dt) for n, w, dt in self.past_specs}
 
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict[str, np.ndarray]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: dict[str, np.ndarray],
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """logits_to_keep k > 0: logits (B, k, V) of the last k positions only (a prompt needs one); 0: all."""
         feed = {
             INPUT_IDS: np.asarray(input_ids, np.int64),
             ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
             POSITION_IDS: np.asarray(position_ids, np.int64),
             **cache,
         }
+        if logits_to_keep and self.keeps_logits:
+            feed[LOGITS_TO_KEEP] = np.asarray([logits_to_keep], np.int64)
         outs = self.session.run(None, feed)
-        return outs[0], dict(zip(self.past_names, outs[1:]))
+        logits = outs[0][:, -logits_to_keep:] if logits_to_keep else outs[0]
+        return logits, dict(zip(self.past_names, outs[1:]))
 
     def step_bound(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: dict,
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, dict]:
         """Like step, but with IO binding: the present cache stays in onnxruntime-owned OrtValues that are bound
         as the next step's past, so no cache tensor is copied into or out of numpy between steps."""
@@ -197,6 +213,8 @@ class LatentSession:
         b.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, np.int64))
         b.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))
         b.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, np.int64))
+        if logits_to_keep and self.keeps_logits:
+            b.bind_cpu_input(LOGITS_TO_KEEP, np.asarray([logits_to_keep], np.int64))
         for name, value in cache.items():
             if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)
@@ -207,4 +225,5 @@ class LatentSession:
             b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         outs = b.get_outputs()
-        return outs[0].numpy(), dict(zip(self.past_names, outs[1:]))
+        logits = outs[0].numpy()
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits, dict(zip(self.past_names, outs[1:]))

@@ -193,9 +193,14 @@ class StaticSession:
         return {"length": 0}
 
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: dict,
+        logits_to_keep: int = 1,
     ) -> tuple[np.ndarray, dict]:
-        """The cache token is the buffer length: stepping from an older token rewinds (slots past it are masked and
+        """Logits of the last token only, whatever logits_to_keep says. The cache token is the buffer length: stepping from an older token rewinds (slots past it are masked and
         get overwritten), so a benchmark can decode several times from one prefill, as with the dynamic cache."""
         self.length = cache["length"]
         ids = [int(t) for t in np.asarray(input_ids)[0]]

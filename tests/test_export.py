@@ -26,7 +26,9 @@ def exported(tmp_path_factory):
     ref = hf_model(q_lora_rank=12, yarn=True, rope_interleave=True)
     save_hf(ref, root / "hf")
     export_folder(
-        root / "hf", root / "out", ExportOptions(require_tokenizer=False, quantize=("int8", "int4"), progress=False)
+        root / "hf",
+        root / "out",
+        ExportOptions(require_tokenizer=False, quantize=("int8", "int4"), progress=False, cache_dtype="fp32"),
     )
     return ref, root / "hf", root / "out"
 
@@ -85,6 +87,10 @@ def test_graph_matches_manifest(exported):
             ]
 
         inputs, outputs = spec(graph.input), spec(graph.output)
+        optional = [{k: i[k] for k in ("name", "shape")} for i in man["graph"]["optional_inputs"]]
+        assert optional == [{"name": "logits_to_keep", "shape": [1]}] and inputs[-1:] == optional, prec
+        inputs = inputs[:-1]  # the optional input comes last in the graph: an initializer a caller may override
+        assert {t.name for t in graph.initializer} >= {"logits_to_keep"}, prec
         assert inputs == [{k: i[k] for k in ("name", "shape")} for i in man["graph"]["inputs"]], prec
         assert outputs == [{k: o[k] for k in ("name", "shape")} for o in man["graph"]["outputs"]], prec
         assert inputs[3:] == [{"name": n, "shape": s} for n, s, _ in contract.past_specs()]
@@ -251,17 +257,15 @@ def test_int8_latent_cache_export(exported, tmp_path):
     )
 
 
-def test_fp16_cache_export_matches_pytorch_and_halves_the_bytes(exported, tmp_path):
-    """--cache-dtype fp16: the latent stored in half precision (as llama.cpp stores it by default) and attended in
+def test_fp16_cache_is_the_default_matches_pytorch_and_halves_the_bytes(exported, tmp_path):
+    """The default cache: the latent stored in half precision (as llama.cpp stores it by default) and attended in
     fp32; the graph's cache I/O is float16, the manifest says half the bytes, and ONNX = PyTorch with the same
     rounding, through padding, chunked prefill and greedy generation."""
     from mla_edge.runtime.generate import Generator
 
     _, hf_dir, _ = exported
     out = tmp_path / "f16cache"
-    man = export_folder(
-        hf_dir, out, ExportOptions(require_tokenizer=False, quantize=("int8",), cache_dtype="fp16", progress=False)
-    )
+    man = export_folder(hf_dir, out, ExportOptions(require_tokenizer=False, quantize=("int8",), progress=False))
     assert man["cache"]["dtype"] == "fp16" and man["cache"]["bytes_per_token"] == 2 * (16 + 8) * 2
     graph = onnx.load(str(out / "model.onnx")).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
@@ -279,3 +283,29 @@ def test_fp16_cache_export_matches_pytorch_and_halves_the_bytes(exported, tmp_pa
         model, prompt, 20
     )
     assert Generator(out, "int8").generate_ids([prompt], max_new_tokens=4, eos=False)[0].token_ids  # int8 runs too
+
+
+def test_logits_to_keep_gives_the_last_rows_and_old_exports_still_run(exported, tmp_path):
+    """The graph's optional logits_to_keep: k = 1 is the last row of the full logits (what a prompt needs), k = 0 or
+    no feed at all gives every row (what genai and parity see), the cache is the same either way; PyTorch's forward
+    takes the same argument. An export whose graph lacks the input (older exports) gets the same rows by slicing."""
+    ref, hf_dir, out = exported
+    sess = LatentSession(out, "fp32", "cpu")
+    assert sess.keeps_logits and [i.name for i in sess.session.get_overridable_initializers()] == ["logits_to_keep"]
+    ids = np.random.default_rng(1).integers(3, 97, (2, 7))
+    mask, pos = np.ones((2, 7), np.int64), np.arange(7)[None].repeat(2, 0)
+    full, c_full = sess.step(ids, mask, pos, sess.empty_cache(2))
+    one, c_one = sess.step(ids, mask, pos, sess.empty_cache(2), logits_to_keep=1)
+    three, _ = sess.step(ids, mask, pos, sess.empty_cache(2), logits_to_keep=3)
+    assert full.shape == (2, 7, 97) and one.shape == (2, 1, 97) and three.shape == (2, 3, 97)
+    assert np.array_equal(one, full[:, -1:]) and np.array_equal(three, full[:, -3:])
+    assert all(np.array_equal(c_full[k], c_one[k]) for k in c_full)
+    raw = sess.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                        **sess.empty_cache(2), "logits_to_keep": np.asarray([1])})[0]  # fmt: skip
+    assert raw.shape == (2, 1, 97)  # the graph itself computed one row, not the wrapper's slice
+    model = load_model(hf_dir)
+    with torch.no_grad():
+        t_one = model(torch.as_tensor(ids), logits_to_keep=1)[0].numpy()
+    assert np.abs(t_one - one).max() <= 1e-4
+    sess.keeps_logits = False  # an export from before the input: the same rows, sliced after the run
+    assert np.array_equal(sess.step(ids, mask, pos, sess.empty_cache(2), logits_to_keep=1)[0], one)

