@@ -48,7 +48,9 @@ def _pre_tokenizer(tok: dict) -> str:
     raise InputError(f"tokenizer pre-tokenization {kinds} has no llama.cpp equivalent here (GPT-2 byte-level only)")
 
 
-def _tokenizer(w: Any, folder: Path, bos: int | None, eos: int | None) -> None:
+def _tokenizer(w: Any, folder: Path, bos: int | None, eos: int | None, vocab_size: int) -> None:
+    """The tokenizer, its list padded to the model's vocab_size with unused tokens (llama.cpp needs one entry per
+    embedding row; models often have more rows than tokens, and llama.cpp's own converter pads the same way)."""
     import gguf
 
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -59,7 +61,12 @@ def _tokenizer(w: Any, folder: Path, bos: int | None, eos: int | None) -> None:
     tokens = [""] * (max(vocab.values()) + 1)
     for t, i in vocab.items():
         tokens[i] = t
+    if len(tokens) > vocab_size:
+        raise InputError(f"tokenizer.json has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
     types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    pad = range(len(tokens), vocab_size)
+    tokens += [f"[PAD{i}]" for i in pad]
+    types += [gguf.TokenType.UNUSED for _ in pad]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -185,7 +192,7 @@ def write_gguf(
         w.add_rope_scaling_yarn_beta_slow(rs.beta_slow)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(w, model_dir, cfg.bos_token_id, cfg.eos_token_id[0] if cfg.eos_token_id else None)
+    _tokenizer(w, model_dir, cfg.bos_token_id, cfg.eos_token_id[0] if cfg.eos_token_id else None, cfg.vocab_size)
     types: dict[str, str] = {}
     for k, (name, t) in enumerate(tensors.items()):
         kind = "f32" if t.ndim == 1 else gguf_type

@@ -17,11 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# numpy's OpenBLAS starts a thread per core at import, and they spin for a while: on a 2-core laptop they take the
-# CPU from onnxruntime just as the model loads (measured: the demo int8 session loads in 44 ms right after import,
-# 27 ms with this). The runtime does no BLAS work in numpy, so the CLI keeps OpenBLAS to one thread unless asked.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError
 from mla_edge.models import DEMO_DIR
 from mla_edge.parser import build_parser
@@ -392,6 +387,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         a.threads,
         not a.no_torch,
         rounds=a.rounds,
+        pasts=a.pasts,
+        prompt_lens=a.prompt_lens,
         progress=lambda name: print(f"[bench] {name}", file=sys.stderr, flush=True),
         peers=[parse_vs(v, Path(out_dir)) for v in a.vs or ()],
     )

@@ -31,6 +31,19 @@ def _lengths(text: str) -> tuple[int, ...]:  # the hidden bench worker's lengths
     return tuple(int(x) for x in text.split(","))
 
 
+def _length_list(name: str) -> Callable[[str], tuple[int, ...]]:
+    """A comma-separated list of positive token counts (bench's --pasts and --prompt-lens)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        one = _positive(name)
+        try:
+            return tuple(one(x) for x in text.split(","))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{name} expects positive integers like 128,1024, got {text!r}") from None
+
+    return parse
+
+
 HELP = {  # the flags several commands share, and the long help texts
     "verify": "hash every model file in full (by default a file hashed before is trusted while its size, mtime and "
     "inode are unchanged)",
@@ -216,6 +229,8 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     count(p, "--rounds", 3, "interleaved rounds over all backends")
     count(p, "--threads", None, "threads for every backend (default: physical cores)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument("--pasts", type=_length_list("--pasts"), default=(128, 1024), help="decode at these past lengths")
+    p.add_argument("--prompt-lens", type=_length_list("--prompt-lens"), default=(128, 512), help="prefill lengths")
     count(p, "--profile", None, "instead: where one decode token's time goes at this past length (first --precision)")
     p.add_argument(
         "--vs",

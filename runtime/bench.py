@@ -417,7 +417,7 @@ def format_report(rep: dict) -> str:
         cells = []
         for _, key, fmt in cols:
             v = r.get(key)
-            v = v * 1e3 if v is not None and key.endswith("_s") else v  # seconds shown as ms
+            v = v * 1e3 if v is not None and key in ("load_s", "load_ttft_s") else v  # seconds shown as ms
             cells.append("-" if v is None else f"{v / 2**20:,.1f}" if fmt is None else fmt.format(v))
         lines.append("  " + f"{r['name']:26s}" + "".join(f"{c:>17s}" for c in cells))
     for name, t in rep["targets"].items():

