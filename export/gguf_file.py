@@ -256,7 +256,7 @@ def add_gguf(model_dir: str | Path, out_dir: str | Path, gguf_type: str = "q8_0"
     from mla_edge.runtime.manifest import Manifest, record_file
 
     out_dir = Path(out_dir)
-    manifest = Manifest.read(out_dir)  # one clear line when OUT_DIR is not an export
+    Manifest.read(out_dir)  # one clear line when OUT_DIR is not an export
     # the export's own cache dtype says nothing to a GGUF: llama.cpp picks its cache type at load (f16 by default)
     dst = out_dir / f"model.{gguf_type}.gguf"
     if dst.exists() and not force:

@@ -64,7 +64,8 @@ def measure(
     uses, so no backend pays for conversions the other does not."""
     if rss_run:  # the generation-sized footprint: the greedy prompt continued GEN_NEW_TOKENS tokens, nothing more
         t = time.perf_counter()
-        tokens = _greedy(step, empty_cache, greedy, GEN_NEW_TOKENS, first_token_at := [])
+        first_token_at: list[float] = []
+        tokens = _greedy(step, empty_cache, greedy, GEN_NEW_TOKENS, first_token_at)
         return {"generate_tokens": len(tokens), "first_token_s": first_token_at[0] - t}
     rng = np.random.default_rng(0)
     out: dict = {}
@@ -276,8 +277,8 @@ def run_bench(
         if hint := missing(peer):
             notes[name] = hint
         elif peer == "llama.cpp":  # today's llama.cpp: its own tools, built here once
-            run, rss_run, peer_info[peer] = llamacpp_job(path, manifest, threads, prompt_lens, pasts, repeats, progress)
-            jobs.append((name, run, rss_run))
+            run, gen, peer_info[peer] = llamacpp_job(path, manifest, threads, prompt_lens, pasts, repeats, progress)
+            jobs.append((name, run, gen))
         else:
             worker(name, str(path), f"peer-{peer}")
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
@@ -287,11 +288,11 @@ def run_bench(
                 progress(f"{name} (round {k + 1}/{rounds})")
             runs[name].append(run())
     rss: dict[str, dict] = {}
-    for name, _, rss_run in jobs:
-        if rss_run:
+    for name, _, generation in jobs:
+        if generation is not None:
             if progress:
                 progress(f"{name} (generate {GEN_NEW_TOKENS} tokens: peak RSS, load to first token)")
-            rss[name] = rss_run()
+            rss[name] = generation()
     rows = []
     for name, _, _ in jobs:
         row: dict[str, Any] = _median_rows(runs[name])
@@ -372,7 +373,8 @@ def peer_targets(ours: dict, peer: dict, prompt_lens: Sequence[int], pasts: Sequ
     faster): decode at every past and prefill at every length at least as fast, load to first token <= 2x theirs,
     a generation's peak RSS <= theirs + 10%."""
     tag, out = ours["name"][4:], {}
-    ratios = {f"{tag}_decode_{k}_vs_llama.cpp": (peer.get(f"decode_{k}_ms"), ours[f"decode_{k}_ms"], 1.0) for k in pasts}
+    ratios = {f"{tag}_decode_{k}_vs_llama.cpp": (peer.get(f"decode_{k}_ms"), ours[f"decode_{k}_ms"], 1.0)
+              for k in pasts}  # fmt: skip
     for n in prompt_lens:
         ratios[f"{tag}_prefill_{n}_vs_llama.cpp"] = (ours[f"prefill_{n}_tok_s"], peer.get(f"prefill_{n}_tok_s"), 1.0)
     ratios[f"{tag}_load_to_first_token_vs_llama.cpp"] = (peer.get("load_ttft_s"), ours.get("load_ttft_s"), 0.5)
@@ -391,7 +393,8 @@ def peer_targets(ours: dict, peer: dict, prompt_lens: Sequence[int], pasts: Sequ
 
 def format_report(rep: dict) -> str:
     n, p = rep["prompt_lens"], rep["pasts"]
-    cols: list[tuple[str, str, str | None]] = [("load ms", "load_s", "{:.0f}"), ("load+1st ms", "load_ttft_s", "{:.0f}")]
+    cols: list[tuple[str, str, str | None]] = [("load ms", "load_s", "{:.0f}")]
+    cols += [("load+1st ms", "load_ttft_s", "{:.0f}")]
     cols += [(f"prefill{k} tok/s", f"prefill_{k}_tok_s", "{:,.0f}") for k in n]
     cols += [(f"decode@{k} ms", f"decode_{k}_ms", "{:.2f}") for k in p]
     cols += [

@@ -211,8 +211,9 @@ def cache_root() -> Path:
 
 
 # Bumped when the exported graph changes but its contract does not (3: additive mask made once, RoPE in the
-# projections): the cached demo exports are keyed by it, so `mla-edge demo` and bench's default re-export.
-EXPORT_REVISION = 3
+# projections; 4: the optional logits_to_keep input, the fp16 latent cache by default): the cached demo exports are
+# keyed by it, so `mla-edge demo` and bench's default re-export.
+EXPORT_REVISION = 4
 
 
 def demo_export_dir() -> Path:

@@ -28,7 +28,7 @@ from .memory import rss_bytes
 PEERS = {  # name -> (module, how to install it); llama.cpp is built by runtime/llamacpp.py, not imported
     "genai": ("onnxruntime_genai", "pip install onnxruntime-genai"),
     "llama.cpp": ("", "cmake and a C++ compiler (it is built from source once: ~15 min on 2 cores)"),
-    "llama-cpp-python": ("llama_cpp", "pip install llama-cpp-python (builds llama.cpp from source: ~14 min on 2 cores)"),
+    "llama-cpp-python": ("llama_cpp", "pip install llama-cpp-python (it builds llama.cpp from source: ~14 min here)"),
 }
 
 
@@ -159,7 +159,7 @@ def gguf_cache_bytes(path: Path) -> int | None:
 
 
 def cache_bytes_from_meta(meta: dict) -> int:
-    """A GGUF's metadata -> its f16 cache bytes per token: MLA keeps the latent and rope key as K (V is a view of it)."""
+    """A GGUF's metadata -> its f16 cache bytes per token: MLA keeps the latent and rope key as K (V is a view)."""
     arch = meta["general.architecture"]
     layers = int(meta[f"{arch}.block_count"])
     if f"{arch}.attention.kv_lora_rank" in meta:

@@ -200,8 +200,9 @@ class StaticSession:
         cache: dict,
         logits_to_keep: int = 1,
     ) -> tuple[np.ndarray, dict]:
-        """Logits of the last token only, whatever logits_to_keep says. The cache token is the buffer length: stepping from an older token rewinds (slots past it are masked and
-        get overwritten), so a benchmark can decode several times from one prefill, as with the dynamic cache."""
+        """Logits of the last token only, whatever logits_to_keep says. The cache token is the buffer length:
+        stepping from an older token rewinds (slots past it are masked and get overwritten), so a benchmark can
+        decode several times from one prefill, as with the dynamic cache."""
         self.length = cache["length"]
         ids = [int(t) for t in np.asarray(input_ids)[0]]
         logits = self.decode(ids[0]) if len(ids) == 1 else self.prefill(ids)
