@@ -36,7 +36,7 @@ from mla_edge.contract import (
 from mla_edge.models.mla import MLAForCausalLM
 
 DEFAULT_OPSET = 21  # int4 (MatMulNBits/GatherBlockQuantized) needs 21
-EXTERNAL_DATA_BYTES = 1 << 30  # past ~1 GiB of weights, keep them beside the graph (protobuf caps files at 2 GiB)
+EXTERNAL_DATA_BYTES = 64 << 20  # past 64 MiB of weights, keep them beside the graph (see quantize.EXTERNAL_DATA_BYTES)
 
 
 class OnnxDecoder(nn.Module):
@@ -160,7 +160,7 @@ def export_static(model: MLAForCausalLM, path: str | Path, capacity: int, seq: i
 
 
 def trace(module: nn.Module, inputs: tuple, spec: dict, path: str | Path, opset: int, dynamic_shapes: Any) -> Path:
-    """torch.onnx.export(dynamo=True) with the spec's I/O names, external data past 1 GiB, every dim named as the
+    """torch.onnx.export(dynamo=True) with the spec's I/O names, external data past 64 MiB, every dim named as the
     spec says, and onnx's full checker."""
     import onnx
 
