@@ -47,6 +47,7 @@ def save_model(model, path: Path, external: bool | None = None) -> None:
     Path(str(path) + ".data").unlink(missing_ok=True)
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+        Path(str(path) + ".data").chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; the graph is the umask's
     else:
         onnx.save_model(model, str(path))
 

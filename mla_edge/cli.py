@@ -135,7 +135,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         calibration_text=calib,
         force=a.force,
         progress=sys.stderr.isatty(),
-        cache_dtype=a.cache_dtype,
+        # genai keeps a float32 cache: a folder made for it defaults to one (an explicit other dtype is refused below)
+        cache_dtype=a.cache_dtype or ("fp32" if a.format == "genai" else None),
         static_cache=a.static_cache,
         static_chunk=a.static_chunk,
         static_quantize=tuple(
@@ -150,6 +151,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         smooth=a.smooth,
     )
     if a.format != "onnx":  # a GGUF or a genai graph sits beside an export, listed in its manifest
+        if a.format == "genai" and a.cache_dtype not in (None, "fp32"):
+            raise UserError(
+                f"--format genai with --cache-dtype {a.cache_dtype}: onnxruntime-genai keeps a float32 cache"
+            )
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
             from mla_edge.export.gguf_file import check_gguf
 

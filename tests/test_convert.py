@@ -71,7 +71,9 @@ def test_converted_model_exports_and_the_graph_equals_pytorch(tmp_path):
     convert_checkpoint(src, tmp_path / "mla", 32, 8, tmp_path / "calib.txt", windows=4, window=64)
     opts = ExportOptions(quantize=("int8", "w8a32", "int8-block"), progress=False)
     export_folder(tmp_path / "mla", tmp_path / "out", opts)
-    model = load_model(tmp_path / "mla")
+    from mla_edge.models.mla import ModelOptions
+
+    model = load_model(tmp_path / "mla", ModelOptions(cache_dtype="fp16"))  # the export's default cache, same rounding
     rows = [np.random.default_rng(4).integers(3, 97, 11 + 32).tolist()]
     rep = teacher_forced(model, LatentSession(tmp_path / "out", "fp32", "cpu"), rows, [11], 32)
     assert rep["max_abs_logit_diff"] <= 1e-4 and rep["top1_agreement"] == 1.0

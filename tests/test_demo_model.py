@@ -57,8 +57,12 @@ def test_demo_command_runs_end_to_end(demo_run):
 
 
 def test_demo_fp32_parity(demo_run):
-    par = demo_run[0]["parity"]["precisions"]["fp32"]
-    assert par["max_abs_logit_diff"] <= 1e-4 and par["greedy_identical"]
+    """The demo exports the default fp16 latent; PyTorch rounds its cache to fp16 too, but where the two computations
+    round a latent element to neighbouring halves the logits move by ~1e-4 (fp32 caches agree to 1e-5)."""
+    rep, out = demo_run
+    par = rep["parity"]["precisions"]["fp32"]
+    assert Manifest.read(out).data["cache"]["dtype"] == "fp16"
+    assert par["max_abs_logit_diff"] <= 1e-3 and par["greedy_identical"]
 
 
 def test_demo_int8_size_and_perplexity(demo_run):
@@ -178,7 +182,7 @@ def test_mla_fits_a_memory_limit_that_its_mha_twin_does_not(demo_run, mha_twin_e
         pytest.skip("no writable cgroup: RLIMIT_AS limits virtual memory, which this comparison does not use")
     _, twin_out = mha_twin_export
     per_token = [Manifest.read(o).data["cache"]["bytes_per_token"] for o in (demo_run[1], twin_out)]
-    assert per_token == [1920, 12288]
+    assert per_token == [960, 12288]  # MLA's default fp16 latent; the twin keeps an fp32 per-head cache
 
     def gen(out, limit):
         cmd = [
@@ -219,15 +223,16 @@ def test_mla_fits_a_memory_limit_that_its_mha_twin_does_not(demo_run, mha_twin_e
 
 
 def test_int8_latent_cache_costs_little(demo_run, tmp_path):
-    """On the demo model, perplexity with the int8 latent cache is within 1% of the fp32 cache, at 3.6x fewer bytes."""
+    """On the demo model, perplexity with the int8 latent cache is within 1% of the default fp16 cache's, at 1.8x
+    fewer bytes (3.6x fewer than fp32)."""
     from mla_edge.export.pipeline import ExportOptions, export_folder
     from mla_edge.runtime.generate import Generator
     from mla_edge.runtime.sampling import perplexity
 
     out = tmp_path / "q8cache"
     man = export_folder(DEMO_DIR, out, ExportOptions(quantize=(), cache_dtype="int8", progress=False))
-    fp32_cache = Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
-    assert man["cache"]["bytes_per_token"] * 3.5 <= fp32_cache
+    fp16_cache = Manifest.read(demo_run[1]).data["cache"]["bytes_per_token"]
+    assert fp16_cache == 960 and man["cache"]["bytes_per_token"] * 1.8 <= fp16_cache
     gen = Generator(out, "fp32")
     ids = gen.tokenizer.encode((DEMO_DIR / "heldout.txt").read_text()).ids[:2048]
     ppl = perplexity(
@@ -235,5 +240,5 @@ def test_int8_latent_cache_costs_little(demo_run, tmp_path):
         ids,
         256,
     )
-    ref = demo_run[0]["parity"]["precisions"]["fp32"]["ppl"]  # fp32 weights, fp32 cache, same 2,048 tokens
+    ref = demo_run[0]["parity"]["precisions"]["fp32"]["ppl"]  # fp32 weights, fp16 cache, same 2,048 tokens
     assert abs(ppl / ref - 1) <= 0.01, (ppl, ref)

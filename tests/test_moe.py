@@ -113,7 +113,7 @@ def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
     export_folder(
         tmp_path / "m",
         tmp_path / "out",
-        ExportOptions(quantize=("int8", "int4"), progress=False, require_tokenizer=False),
+        ExportOptions(quantize=("int8", "int4"), progress=False, require_tokenizer=False, cache_dtype="fp32"),
     )
     model = load_model(tmp_path / "m")
     rows = [np.random.default_rng(4).integers(3, 97, 11 + 32).tolist()]
@@ -215,7 +215,7 @@ def test_streaming_int8_equals_onnxruntime_quantize_dynamic(tmp_path):
 
     kind, extra = CASES["v3-noaux-tc-shared"]
     save_hf(moe_model(kind, extra), tmp_path / "m")
-    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False)
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False, cache_dtype="fp32")
     export_folder(tmp_path / "m", tmp_path / "out", opts)
     src = tmp_path / "out" / "model.onnx"
     q.quantize_int8(src, tmp_path / "ref.onnx")
@@ -252,7 +252,7 @@ def test_int4_with_external_data_loads_and_equals_the_inline_file(tmp_path):
 
     kind, extra = CASES["v2-greedy-shared"]
     save_hf(moe_model(kind, extra), tmp_path / "m")
-    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False)
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, ort_format=False, cache_dtype="fp32")
     export_folder(tmp_path / "m", tmp_path / "out", opts)
     src = tmp_path / "out" / "model.onnx"
     q.quantize_int4(src, tmp_path / "inline.onnx", 16, external=False)

@@ -104,7 +104,8 @@ def test_longrope_export_matches_pytorch_on_both_sides_of_the_switch(tmp_path):
     ref = hf_model("minicpm3", q_lora_rank=12, tie=True, max_position_embeddings=64)
     ref.config.rope_parameters = dict(LONGROPE)
     save_hf(type(ref)(ref.config).eval(), tmp_path / "m")
-    export_folder(tmp_path / "m", tmp_path / "out", ExportOptions(quantize=(), progress=False, require_tokenizer=False))
+    opts = ExportOptions(quantize=(), progress=False, require_tokenizer=False, cache_dtype="fp32")  # exact: fp32 cache
+    export_folder(tmp_path / "m", tmp_path / "out", opts)
     ours, sess = load_model(tmp_path / "m"), LatentSession(tmp_path / "out", "fp32", "cpu")
     for seq in (12, 40):
         ids = np.random.default_rng(seq).integers(0, 97, (1, seq))

@@ -22,7 +22,8 @@ PROMPTS = ("It was a dark and stormy night, and", "The old man looked at the let
 def demo_gguf(tmp_path_factory):
     """The demo model exported to fp32 ONNX, with an f32 GGUF and a genai graph beside it (the CLI a user runs)."""
     out = tmp_path_factory.mktemp("peers") / "demo"
-    assert main(["export", "-o", str(out), "--quantize", "none", "--format", "gguf", "--gguf-type", "f32"]) == 0
+    argv = ["export", "-o", str(out), "--quantize", "none", "--cache-dtype", "fp32"]  # genai keeps a float32 cache
+    assert main([*argv, "--format", "gguf", "--gguf-type", "f32"]) == 0
     assert main(["export", "-o", str(out), "--format", "genai"]) == 0  # the export exists: only the genai files
     return out
 
@@ -81,8 +82,8 @@ def test_gguf_bad_input_is_one_line(demo_gguf, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.f32.gguf already exists; pass --force" in err[0]
     out = tmp_path / "x"
-    assert main(["export", "-o", str(out), "--format", "gguf", "--cache-dtype", "int8"]) == 2
-    assert "gguf cannot keep an int8 latent cache" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "-o", str(out), "--format", "genai", "--cache-dtype", "int8"]) == 2
+    assert "onnxruntime-genai keeps a float32 cache" in capsys.readouterr().err and not out.exists()
     assert main(["export", "-o", str(demo_gguf), "--format", "genai"]) == 2
     assert "model.genai.onnx already exists; pass --force" in capsys.readouterr().err
 
@@ -261,7 +262,9 @@ def test_genai_runs_an_moe_export(tmp_path):
     from mla_edge.runtime.generate import Generator
 
     m, out = _real_shape_checkpoint(tmp_path / "m", "v3-noaux-tc-shared"), tmp_path / "out"
-    assert main(["export", str(m), "-o", str(out), "--quantize", "none", "--format", "genai"]) == 0
+    assert (
+        main(["export", str(m), "-o", str(out), "--quantize", "none", "--format", "genai"]) == 0
+    )  # fp32 cache for genai
     assert any(n.op_type == "MoE" for n in onnx.load(str(out / "model.genai.onnx")).graph.node)
     ids = [int(t) for t in np.random.default_rng(0).integers(1, 320, 12)]
     ours = Generator(out, "fp32", provider="cpu").generate_ids([ids], max_new_tokens=32, eos=False)[0].token_ids

@@ -291,11 +291,11 @@ def test_bench_peer_that_is_not_installed_is_a_row_not_an_error(text_export, mon
         prompt_lens=(16,),
         pasts=(8,),
         rounds=1,
-        peers=[("llama.cpp", text_export[1] / "model.gguf")],
+        peers=[("llama-cpp-python", text_export[1] / "model.gguf")],
     )
     assert rep["rows"][-1] == {
-        "name": "llama.cpp (model.gguf)",
-        "note": f"not installed: {peers.PEERS['llama.cpp'][1]}",
+        "name": "llama-cpp-python (model.gguf)",
+        "note": f"not installed: {peers.PEERS['llama-cpp-python'][1]}",
     }
     assert "not installed: pip install llama-cpp-python" in format_report(rep)
 
