@@ -80,14 +80,15 @@ def run_demo(
     report["generate"] = {"prompt": prompt, "text": r.text, "stats": s}
 
     say("\n== 4. memory: the latent cache vs what MHA/GQA would keep")
-    cmp = comparison(cfg)
+    dtype = man.data["cache"]["dtype"]  # every form at the export's cache dtype (fp16 by default, as llama.cpp's)
+    cmp = comparison(cfg, dtype)
     ctx = cfg.max_position_embeddings
     for form in ("mla", "gqa", "mha"):
         row = cmp[form]
         say(
             f"   {form.upper():4s} {row['elements_per_token_per_layer']:5d} elements/token/layer  "
             f"{row['bytes_per_token']:7,d} B/token  "
-            f"{row['bytes_per_token'] * ctx / 2**20:7.2f} MiB at {ctx} tokens (fp32)"
+            f"{row['bytes_per_token'] * ctx / 2**20:7.2f} MiB at {ctx} tokens ({dtype})"
         )
     say(
         f"   this run: {s['cache_bytes'] / 1024:.1f} KiB latent cache for {s['cache_tokens']} tokens "
@@ -196,9 +197,9 @@ def run_smollm2_demo(
         ("GQA (original)", sizes["gqa_elements"]),
         ("MHA-equivalent", sizes["mha_elements"]),
     ):
-        per_token = el * cfg.num_hidden_layers * 4
+        per_token = el * cfg.num_hidden_layers * 2  # fp16: our default latent and llama.cpp's default cache alike
         mib = per_token * ctx / 2**20
-        say(f"   {label:16s} {el:5d} elements/token/layer  {per_token:7,d} B/token  {mib:5.0f} MiB @ {ctx} tok, fp32")
+        say(f"   {label:16s} {el:5d} elements/token/layer  {per_token:7,d} B/token  {mib:5.0f} MiB @ {ctx} tok, fp16")
     say(
         "   training-free conversion: expect repetition in the answers; "
         "`python -m mla_edge.models.recipes.heal` recovers most of the loss (see the README)"
