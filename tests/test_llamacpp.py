@@ -39,16 +39,16 @@ def test_cache_bytes_per_token_from_gguf_metadata():
 
 def test_peer_targets_are_ratios_with_ours_faster_above_one():
     ours = {"name": "ort-int8", "decode_128_ms": 0.5, "prefill_128_tok_s": 3000.0, "load_ttft_s": 0.030,
-            "generate_peak_rss_bytes": 105 * 2**20}  # fmt: skip
+            "generate_peak_rss_bytes": 215 * 2**20}  # fmt: skip
     peer = {"decode_128_ms": 1.0, "prefill_128_tok_s": 6000.0, "load_ttft_s": 0.010,
-            "generate_peak_rss_bytes": 100 * 2**20}  # fmt: skip
+            "generate_peak_rss_bytes": 200 * 2**20}  # fmt: skip
     t = peer_targets(ours, peer, (128,), (128,))
     assert t["int8_decode_128_vs_llama.cpp"] == {"measured": 2.0, "target": 1.0, "met": True}
     assert t["int8_prefill_128_vs_llama.cpp"]["measured"] == 0.5 and not t["int8_prefill_128_vs_llama.cpp"]["met"]
     load = t["int8_load_to_first_token_vs_llama.cpp"]  # <= 2x theirs: 3x is missed
     assert load["measured"] == pytest.approx(1 / 3) and not load["met"]
-    rss = t["int8_generate_rss_vs_llama.cpp"]  # within +10% of theirs
-    assert rss["limit_bytes"] == 110 * 2**20 and rss["met"]
+    rss = t["int8_generate_rss_vs_llama.cpp"]  # within +10% of theirs (+15 MiB is within 10% of 200, not 10 MiB)
+    assert rss["limit_bytes"] == 220 * 2**20 and rss["met"]
 
 
 def test_a_tool_folder_without_the_tools_is_one_line(tmp_path, monkeypatch):
