@@ -89,3 +89,26 @@ def test_todays_llama_cpp_runs_our_gguf_and_reports_speed_rss_and_load(tmp_path,
     gen = llamacpp.run_generation(gguf, "It was a dark and stormy night", 16, 2, ctx=128)
     assert 5 * 2**20 < gen["generate_peak_rss_bytes"] < 500 * 2**20 and 0 < gen["load_ttft_s"] < 10
     assert llamacpp.build_info()["version"].startswith("user build at")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BUILT is None, reason="llama.cpp is not built here (`mla-edge bench --vs llama.cpp` builds it)")
+def test_todays_llama_cpp_continues_our_gguf_as_our_runtime_does(tmp_path):
+    """The oracle beside the bench: today's llama.cpp (not llama-cpp-python's older copy) reads our f32 GGUF and its
+    greedy text over 3 prompts x 48 tokens equals our fp32 ONNX's, both caches f32, flash attention off."""
+    import subprocess
+
+    from mla_edge.cli import main
+    from mla_edge.runtime.generate import Generator
+
+    out = tmp_path / "demo"
+    argv = ["export", "-o", str(out), "--quantize", "none", "--cache-dtype", "fp32"]
+    assert main([*argv, "--format", "gguf", "--gguf-type", "f32"]) == 0
+    gen = Generator(out, "fp32", "cpu")
+    for prompt in ("It was a dark and stormy night, and", "The old man looked at the letter", "She said that"):
+        ours = prompt + gen.generate(prompt, max_new_tokens=48, eos=False).text
+        cmd = [str(BUILT / "llama-completion"), "-m", str(out / "model.f32.gguf"), "-p", prompt, "-n", "48"]
+        cmd += ["--temp", "0", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-no-cnv", "--no-warmup", "-c", "256"]
+        cmd += ["--ignore-eos", "-t", "2"]
+        theirs = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert theirs.strip() == ours.strip(), (prompt, ours, theirs)
