@@ -74,6 +74,13 @@ def find_tools() -> dict[str, Path] | None:
     return found if all(p.is_file() for p in found.values()) else None
 
 
+def _built_tools() -> dict[str, Path]:
+    tools = find_tools()
+    if tools is None:
+        raise LlamaCppError("llama.cpp is not built here: `mla-edge bench --vs llama.cpp` builds it first")
+    return tools
+
+
 def build_info() -> dict:
     """What the marker says about the build (version, flags, when), or where the tools came from."""
     if os.environ.get("MLA_EDGE_LLAMA_CPP"):
@@ -177,9 +184,7 @@ def run_bench(
 ) -> dict:
     """Two llama-bench processes (pp at depth 0; tg at each depth), llama.cpp's defaults otherwise (f16 cache,
     flash attention auto, mmap)."""
-    tools = find_tools()
-    if tools is None:
-        raise LlamaCppError("llama.cpp is not built here: `mla-edge bench --vs llama.cpp` builds it first")
+    tools = _built_tools()
     records: list[dict] = []
     common = ["-m", str(gguf), "-t", str(threads), "-r", str(repeats), "-o", "json"]
     for args in (
@@ -200,9 +205,7 @@ def run_generation(gguf: Path, prompt: str, new_tokens: int, threads: int, ctx: 
     """llama-completion continues the prompt greedily for new_tokens tokens in a fresh process: its peak RSS (GNU
     time reports the maxrss of its own child, which starts from time's ~2 MB, not from this Python process) and
     llama.cpp's own load time (its perf report)."""
-    tools = find_tools()
-    if tools is None:
-        raise LlamaCppError("llama.cpp is not built here: `mla-edge bench --vs llama.cpp` builds it first")
+    tools = _built_tools()
     cmd = [str(tools["llama-completion"]), "-m", str(gguf), "-p", prompt, "-n", str(new_tokens), "-t", str(threads)]
     cmd += ["-c", str(ctx), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-warmup", "--perf"]
     timed = Path(GNU_TIME).is_file()
