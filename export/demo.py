@@ -139,7 +139,7 @@ def run_smollm2_demo(
 ) -> dict:
     """Convert the GGUF to MLA (cached), export fp32 + int8-block (cached), check parity, chat greedily with each
     prompt, and compare the cache with the original's. Returns everything measured."""
-    from mla_edge.models.convert import convert_checkpoint
+    from mla_edge.models.convert import CONVERT_REVISION, convert_checkpoint
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
@@ -148,7 +148,7 @@ def run_smollm2_demo(
     src = smollm2_gguf(gguf)
     with src.open("rb") as f:  # the first MiB names the weights well enough for a cache key (header + first tensors)
         tag = hashlib.sha256(f.read(2**20) + str(src.stat().st_size).encode()).hexdigest()[:12]
-    model_dir = cache_root() / f"{src.stem}-mla-r{kv_lora_rank}-d{rope_dim}-{tag}"
+    model_dir = cache_root() / f"{src.stem}-mla-r{kv_lora_rank}-d{rope_dim}-c{CONVERT_REVISION}-{tag}"
     export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}.{EXPORT_REVISION}")
     calibration = DEMO_DIR / "convert_calibration.txt"
     report: dict = {"gguf": str(src), "model_dir": str(model_dir), "export_dir": str(export_dir)}

@@ -109,6 +109,11 @@ def write_gguf(
     def get(name: str) -> np.ndarray:
         return state[name].float().numpy()
 
+    # llama.cpp's deepseek2 applies rms_norm_eps to the latent norms, which the checkpoint builds with eps 1e-6
+    # (cfg.latent_norm_eps). Scaling the latent rows by k makes them the same function: k c / sqrt(k^2 ms + eps) =
+    # c / sqrt(ms + eps / k^2), so k = sqrt(rms_norm_eps / latent_norm_eps) turns llama.cpp's eps into ours, exactly.
+    k = float(np.sqrt(cfg.rms_norm_eps / cfg.latent_norm_eps))
+
     tensors["token_embd.weight"] = get("model.embed_tokens.weight")
     tensors["output_norm.weight"] = get("model.norm.weight")
     if "lm_head.weight" in state and not cfg.tie_word_embeddings:
@@ -119,13 +124,13 @@ def write_gguf(
         tensors[b + "attn_norm.weight"] = get(p + "input_layernorm.weight")
         tensors[b + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
         if cfg.q_lora_rank:
-            tensors[b + "attn_q_a.weight"] = get(a + "q_a_proj.weight")
+            tensors[b + "attn_q_a.weight"] = get(a + "q_a_proj.weight") * k
             tensors[b + "attn_q_a_norm.weight"] = get(a + "q_a_layernorm.weight")
             tensors[b + "attn_q_b.weight"] = q_rows(get(a + "q_b_proj.weight"))
         else:
             tensors[b + "attn_q.weight"] = q_rows(get(a + "q_proj.weight"))
         kv_a = get(a + "kv_a_proj_with_mqa.weight")
-        tensors[b + "attn_kv_a_mqa.weight"] = np.concatenate([kv_a[:R], kv_a[R:][perm]])
+        tensors[b + "attn_kv_a_mqa.weight"] = np.concatenate([kv_a[:R] * k, kv_a[R:][perm]])
         tensors[b + "attn_kv_a_norm.weight"] = get(a + "kv_a_layernorm.weight")
         kv_b = get(a + "kv_b_proj.weight").reshape(H, dn + dv, R)
         tensors[b + "attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :dn].transpose(0, 2, 1))  # (H, R, dn)
@@ -228,8 +233,18 @@ def check_gguf(model_dir: str | Path) -> Any:
     cfg = MLAConfig.from_pretrained(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir} has no tokenizer.json: a GGUF carries its tokenizer")
-    if cfg.model_type == "minicpm3":  # scaled embeddings, residuals and logits: llama.cpp's own minicpm3 arch
-        raise InputError(f"{model_dir} is MiniCPM3: llama.cpp runs it as its minicpm3 architecture, not built here")
+    from mla_edge.models.families import FAMILIES
+
+    if FAMILIES[cfg.model_type].gguf:  # e.g. MiniCPM3: llama.cpp's own minicpm3 architecture
+        raise InputError(f"{model_dir} is {cfg.model_type}: {FAMILIES[cfg.model_type].gguf}")
+    if cfg.mlp_layer_types is not None and cfg.is_moe:
+        if any(cfg.moe_layer(i) != (i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)):
+            raise InputError(
+                f"{model_dir}: MoE layers {cfg.mlp_layer_types} are not 'dense layers first, then MoE', the only "
+                "pattern llama.cpp's deepseek2 has (leading_dense_block_count)"
+            )
+    if cfg.attention_bias:
+        raise InputError(f"{model_dir}: attention_bias is true; llama.cpp's deepseek2 has no attention biases")
     rs = cfg.rope_scaling
     if rs is not None and rs.rope_type != "yarn":
         raise InputError(f"{model_dir} uses {rs.rope_type} rope scaling: llama.cpp's deepseek2 has YaRN only")

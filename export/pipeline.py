@@ -130,6 +130,11 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
                 f"--static-cache {opts.static_cache} passes this model's LongRoPE switch at "
                 f"{rs.original_max_position_embeddings} tokens, which the static RoPE table cannot follow"
             )
+        if cfg.attn_scale_original is not None and opts.static_cache > cfg.attn_scale_original:
+            raise ExportError(
+                f"--static-cache {opts.static_cache} passes this model's query scaling step at "
+                f"{cfg.attn_scale_original} tokens (llama_4_scaling_beta), which the static graphs do not compute"
+            )
         for p in opts.static_quantize:
             if p not in STATIC_PRECISIONS[1:]:
                 raise ExportError(f"unknown --static-quantize {p!r} (choose from {', '.join(STATIC_PRECISIONS[1:])})")

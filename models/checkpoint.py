@@ -73,6 +73,8 @@ def tensor_table(cfg: MLAConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         t[m + "gate.weight"] = ((E, C), "n_routed_experts, hidden_size")
         if cfg.topk_method == "noaux_tc":
             t[m + "gate.e_score_correction_bias"] = ((E,), "n_routed_experts, topk_method=noaux_tc")
+        if cfg.post_mlp_norm:
+            t[p + "post_mlp_layernorm.weight"] = ((C,), "hidden_size, model_type=axk1")
         for j in range(E):
             t.update(_mlp_tensors(f"{m}experts.{j}.", M, C, "moe_intermediate_size"))
         if cfg.n_shared_experts:
@@ -96,12 +98,38 @@ def _ignorable(name: str, cfg: MLAConfig) -> bool:
     """Tensors a real checkpoint may carry that the dense decoder does not use."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
+    if cfg.post_mlp_norm and name.endswith(".post_mlp_layernorm.weight"):
+        layer = name.split(".")[2]  # A.X-K1's released checkpoints hold it for the dense layers too, unused
+        return layer.isdigit() and int(layer) < cfg.num_hidden_layers and not cfg.moe_layer(int(layer))
     if ".mlp.shared_experts." in name and cfg.is_moe and not cfg.n_shared_experts:
         return True  # transformers writes empty shared experts when n_shared_experts is 0
     if name.startswith("model.layers.") and cfg.extra.get("num_nextn_predict_layers"):
         idx = name.split(".")[2]
         return idx.isdigit() and int(idx) >= cfg.num_hidden_layers  # DeepSeek-V3 multi-token-prediction layers
     return False
+
+
+def _stacked_experts(files: dict[str, Path], cfg: MLAConfig) -> dict[str, str]:
+    """transformers 5 writes some types' experts stacked (Mistral 4: mlp.experts.gate_up_proj (E, 2I, C) with gate
+    rows first, mlp.experts.down_proj (E, C, I)): per-expert name -> the stacked tensor that holds it."""
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        m = f"model.layers.{i}.mlp.experts."
+        if cfg.moe_layer(i) and m + "gate_up_proj" in files and m + "down_proj" in files:
+            for j in range(cfg.n_routed_experts):
+                out[f"{m}{j}.gate_proj.weight"] = out[f"{m}{j}.up_proj.weight"] = m + "gate_up_proj"
+                out[f"{m}{j}.down_proj.weight"] = m + "down_proj"
+    return out
+
+
+def _expert_slice(whole: torch.Tensor, name: str, src: str) -> torch.Tensor:
+    j = int(name.split(".")[-3])
+    if j >= whole.shape[0]:
+        raise CheckpointError(f"tensor {src!r} holds {whole.shape[0]} experts; the config asks for more")
+    if src.endswith("down_proj"):
+        return whole[j]
+    half = whole.shape[1] // 2
+    return whole[j, :half] if name.endswith("gate_proj.weight") else whole[j, half:]
 
 
 def _shard_files(model_dir: Path) -> dict[str, Path]:
@@ -149,7 +177,8 @@ def read_state_dict(
     model_dir = Path(model_dir)
     table = tensor_table(cfg)
     files = _shard_files(model_dir)
-    present = {n for n in files if not _ignorable(n, cfg)}
+    stacked = _stacked_experts(files, cfg)
+    present = {n for n in files if not _ignorable(n, cfg)} - set(stacked.values()) | set(stacked)
     missing = [n for n in table if n not in present]
     unexpected = sorted(present - set(table))
     if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
@@ -182,13 +211,20 @@ def read_state_dict(
 
     by_file: dict[Path, list[str]] = {}
     for n in table:
-        by_file.setdefault(files[n], []).append(n)
+        by_file.setdefault(files[stacked.get(n, n)], []).append(n)
     state = {}
     for path, names in by_file.items():
         try:
             with safe_open(str(path), framework="pt") as f:
+                whole: dict[str, torch.Tensor] = {}  # stacked expert tensors, read once per file
                 for n in names:
-                    t = f.get_tensor(n)
+                    if n in stacked:
+                        src = stacked[n]
+                        if src not in whole:
+                            whole[src] = f.get_tensor(src)
+                        t = _expert_slice(whole[src], n, src)
+                    else:
+                        t = f.get_tensor(n)
                     shape, fields = table[n]
                     if tuple(t.shape) != shape:
                         raise CheckpointError(

@@ -1,7 +1,8 @@
 """The one architecture config: a frozen dataclass read from a Hugging Face config.json.
 
 Torch-free on purpose: the CLI, the exporter's manifest and the budget planner read it without torch.
-Field names are Hugging Face's (DeepSeek-V2/V3, MiniCPM3), so a config.json maps field for field.
+Field names are Hugging Face's (DeepSeek-V2/V3, MiniCPM3, ...), so a config.json maps field for field; what each
+model type means by them (defaults, router, which layers are MoE) comes from its row in `families.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from mla_edge.contract import InputError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "minicpm3")
+from .families import DEFAULT_NORM_EPS, FAMILIES, SUPPORTED_MODEL_TYPES, refusal
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "ConfigError", "MLAConfig", "RopeScaling"]
 
 
 class ConfigError(InputError):
@@ -87,16 +90,34 @@ class MLAConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    # GLM-4.7-Flash, A.X-K1: "dense" / "sparse" per layer (instead of first_k_dense_replace)
+    mlp_layer_types: tuple[str, ...] | None = None
+    # Mistral 4: queries scaled by 1 + beta * ln(1 + floor(position / original)) (transformers' llama_4 scaling)
+    attn_scale_beta: float | None = None
+    attn_scale_original: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
-        return self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers
+        return any(self.moe_layer(i) for i in range(self.num_hidden_layers))
 
     def moe_layer(self, layer: int) -> bool:
-        """Whether this layer's MLP is a mixture of experts (as transformers builds DeepSeek-V2/V3)."""
+        """Whether this layer's MLP is a mixture of experts (as transformers builds each type)."""
+        if self.mlp_layer_types is not None:
+            return self.n_routed_experts > 0 and self.mlp_layer_types[layer] == "sparse"
         return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+    @property
+    def latent_norm_eps(self) -> float:
+        """q_a_layernorm / kv_a_layernorm eps: every supported type builds them with the norm's default, 1e-6,
+        whatever rms_norm_eps says (transformers and DeepSeek's reference code alike)."""
+        return DEFAULT_NORM_EPS
+
+    @property
+    def post_mlp_norm(self) -> bool:
+        """A.X-K1: an RMSNorm (rms_norm_eps) on each MoE block's output."""
+        return FAMILIES[self.model_type].post_mlp_norm
 
     @property
     def qk_head_dim(self) -> int:
@@ -169,23 +190,28 @@ class MLAConfig:
                     )
                 }
             rope = {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items() if v is not None}
+        if self.attn_scale_beta is not None:
+            rope["llama_4_scaling_beta"] = self.attn_scale_beta
+            rope["original_max_position_embeddings"] = self.attn_scale_original
         d["rope_parameters"] = rope
+        for k in ("attn_scale_beta", "attn_scale_original"):
+            d.pop(k)
         if self.model_type != "minicpm3":
             for k in ("scale_emb", "scale_depth", "dim_model_base"):
                 d.pop(k)
         if not self.is_moe:  # dense: tell HF-style loaders that no layer is MoE, and write no MoE fields
-            for k in MOE_FIELDS:
+            for k in (*MOE_FIELDS, "mlp_layer_types"):
                 d.pop(k)
             d["first_k_dense_replace"] = self.num_hidden_layers
-        d["architectures"] = [_ARCH[self.model_type]]
+            if FAMILIES[self.model_type].moe_rule == "mlp_layer_types":
+                d["mlp_layer_types"] = ["dense"] * self.num_hidden_layers
+        elif self.mlp_layer_types is None:
+            d.pop("mlp_layer_types")
+        else:
+            d["mlp_layer_types"] = list(self.mlp_layer_types)
+        d["architectures"] = [FAMILIES[self.model_type].arch]
         return {**self.extra, **d}
 
-
-_ARCH = {
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "minicpm3": "MiniCPM3ForCausalLM",
-}
 
 _REQUIRED = (
     "vocab_size",
@@ -208,6 +234,7 @@ def _rope(d: dict) -> tuple[float, RopeScaling | None]:
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     merged = {**legacy, **params}
     rtype = merged.get("rope_type", merged.get("type", "default"))
+    rtype = "yarn" if rtype == "deepseek_yarn" else rtype  # Sarvam's name for DeepSeek's YaRN
     if rtype in (None, "default"):
         return float(theta), None
     if rtype not in ("yarn", "longrope"):
@@ -273,48 +300,68 @@ MOE_FIELDS = (
     "norm_topk_prob",
     "routed_scaling_factor",
 )
-# transformers' defaults per model type, for fields a config.json leaves out
-_MOE_DEFAULTS = {
-    "deepseek_v2": {
-        "first_k_dense_replace": 0,
-        "topk_method": "greedy",
-        "scoring_func": "softmax",
-        "norm_topk_prob": False,
-        "routed_scaling_factor": 1.0,
-    },
-    "deepseek_v3": {
-        "first_k_dense_replace": 3,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "routed_scaling_factor": 2.5,
-    },
-}
-_TOPK = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+_TOPK = {"softmax": ("greedy", "group_limited_greedy")}
+MLP_LAYER_TYPES = ("dense", "sparse")
+
+
+def _moe_layers(d: dict, rule: str) -> tuple[int, tuple[str, ...] | None]:
+    """(first_k_dense_replace, mlp_layer_types or None) as the model type's transformers class decides them."""
+    n = d["num_hidden_layers"]
+    if rule == "first_k_dense_replace":
+        return d["first_k_dense_replace"], None
+    types = d.get("mlp_layer_types")
+    if types is None:
+        if d["model_type"] == "axk1":  # transformers converts A.X-K1's legacy fields
+            first, freq = d.get("first_k_dense_replace", 1), d.get("moe_layer_freq", 1)
+            types = ["sparse" if i >= first and i % freq == 0 else "dense" for i in range(n)]
+        else:  # GLM-4.7-Flash: the first layer dense, the rest MoE
+            types = ["dense"] + ["sparse"] * (n - 1)
+    if not isinstance(types, list) or len(types) != n or any(t not in MLP_LAYER_TYPES for t in types):
+        raise ConfigError(
+            f"config field 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {n} layers, got {types!r}"
+        )
+    first = types.index("sparse") if "sparse" in types else n
+    return first, tuple(types)
 
 
 def _moe(d: dict) -> dict:
     """The MoE fields of a config (all zero for a dense model), checked: an error names the field."""
+    fam = FAMILIES[d["model_type"]]
     routed = d.get("n_routed_experts") or 0
-    defaults = _MOE_DEFAULTS.get(d["model_type"], {})
-    first = d.get("first_k_dense_replace", defaults.get("first_k_dense_replace", 0))
-    if not routed or d["model_type"] == "minicpm3" or first >= d["num_hidden_layers"]:
+    if not routed or fam.moe_rule == "dense":
         return {}
-    out: dict[str, Any] = {k: d.get(k) if d.get(k) is not None else defaults.get(k) for k in MOE_FIELDS}
+    first, types = _moe_layers(d, fam.moe_rule)
+    if first >= d["num_hidden_layers"]:
+        return {}
+    out: dict[str, Any] = {k: d.get(k) for k in MOE_FIELDS}
+    if fam.router is not None:  # the type's class fixes the router; a config that names another one is refused
+        for k, v in zip(("scoring_func", "topk_method"), fam.router):
+            if out[k] is not None and out[k] != v:
+                raise ConfigError(
+                    f"config field {k!r} is {out[k]!r}, but transformers' {d['model_type']} router is always {v!r}"
+                )
+        out["scoring_func"], out["topk_method"] = fam.router
     out.update(
         n_routed_experts=routed,
         first_k_dense_replace=first,
         n_shared_experts=d.get("n_shared_experts") or 0,
         n_group=d.get("n_group") or 1,
         topk_group=d.get("topk_group") or 1,
+        mlp_layer_types=types,
     )
-    if out["scoring_func"] not in _TOPK:
-        raise ConfigError(f"config field 'scoring_func' is {out['scoring_func']!r}; supported: softmax, sigmoid")
-    if out["topk_method"] not in _TOPK[out["scoring_func"]]:
-        raise ConfigError(
-            f"config field 'topk_method' is {out['topk_method']!r}; with scoring_func "
-            f"{out['scoring_func']!r} supported: {', '.join(_TOPK[out['scoring_func']])}"
-        )
+    if fam.router is None:  # DeepSeek-V2: always softmax, greedy or group-limited as the config says
+        out["scoring_func"] = out["scoring_func"] or "softmax"
+        if out["scoring_func"] != "softmax":
+            raise ConfigError(
+                f"config field 'scoring_func' is {out['scoring_func']!r}, but transformers' {d['model_type']} "
+                "router is always 'softmax'"
+            )
+        if out["topk_method"] not in _TOPK["softmax"]:
+            raise ConfigError(
+                f"config field 'topk_method' is {out['topk_method']!r}; supported: {', '.join(_TOPK['softmax'])}"
+            )
+    if fam.renormalise is False:
+        out["norm_topk_prob"] = False  # transformers' DeepSeek-V2 router never renormalises, whatever it says
     for k in ("num_experts_per_tok", "moe_intermediate_size"):
         if not isinstance(out[k], int) or out[k] <= 0:
             raise ConfigError(f"config field {k!r} must be a positive integer for a MoE model, got {out[k]!r}")
@@ -335,12 +382,37 @@ def _moe(d: dict) -> dict:
     return out
 
 
+def _rotary_dim_check(d: dict, params: dict) -> None:
+    """transformers rotates int(head_dim * partial_rotary_factor) dims; we rotate qk_rope_head_dim: they must agree."""
+    prf = params.get("partial_rotary_factor")
+    if prf is None:
+        return
+    base = d["qk_nope_head_dim"] + d["qk_rope_head_dim"] if d["model_type"] == "mistral4" else d["qk_rope_head_dim"]
+    if int(base * prf) != d["qk_rope_head_dim"]:
+        raise ConfigError(
+            f"rope partial_rotary_factor {prf} rotates {int(base * prf)} dims, not qk_rope_head_dim "
+            f"({d['qk_rope_head_dim']}): partial rotary inside the rope part is not supported"
+        )
+
+
+def _with_defaults(d: dict) -> dict:
+    """The config with its type's transformers defaults for fields it leaves out, and legacy names translated."""
+    fam = FAMILIES[d["model_type"]]
+    defaults = dict(fam.defaults)
+    if "rope_scaling" in d or "rope_theta" in d:  # the older spelling: the class's default rope does not apply
+        defaults.pop("rope_parameters", None)
+    d = {**defaults, **d}
+    for old, new in fam.aliases.items():
+        if old in d and new not in d:
+            d[new] = d[old]
+    return d
+
+
 def _from_hf(d: dict) -> MLAConfig:
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"model_type {mt!r} is not an MLA model we support (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+        raise ConfigError(refusal(mt))
+    d = _with_defaults(d)
     for k in _REQUIRED:
         if d.get(k) is None:
             raise ConfigError(f"config field {k!r} is missing")
@@ -350,15 +422,27 @@ def _from_hf(d: dict) -> MLAConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
     theta, rs = _rope(d)
+    params = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    _rotary_dim_check(d, params)
+    if mt == "mistral4" and rs is None:
+        raise ConfigError(
+            "mistral4 with default RoPE: transformers' Mistral4 rotates the whole head then (a shape error); "
+            "its configs use YaRN"
+        )
+    beta = params.get("llama_4_scaling_beta") if mt == "mistral4" else None
+    if beta is not None and params.get("original_max_position_embeddings") is None:
+        raise ConfigError("rope llama_4_scaling_beta needs original_max_position_embeddings")
     if d["qk_rope_head_dim"] % 2:
         raise ConfigError(f"config field 'qk_rope_head_dim' must be even, got {d['qk_rope_head_dim']}")
     q_lora = d.get("q_lora_rank")
     if q_lora is not None and (not isinstance(q_lora, int) or q_lora <= 0):
         raise ConfigError(f"config field 'q_lora_rank' must be null or a positive integer, got {q_lora!r}")
+    if q_lora is None and mt == "axk1":
+        raise ConfigError("config field 'q_lora_rank' must be a positive integer: A.X-K1 always has a query LoRA")
     v_head = d.get("v_head_dim") or d["hidden_size"] // d["num_attention_heads"]
     eos = d.get("eos_token_id")
     eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-    # DeepSeek-V2 always rotates interleaved pairs; MiniCPM3 always rotates halves; V3 says which.
+    # DeepSeek-V2 always rotates interleaved pairs; MiniCPM3 always rotates halves; the rest say which.
     interleave = {"deepseek_v2": True, "minicpm3": False}.get(mt, bool(d.get("rope_interleave", True)))
     minicpm = mt == "minicpm3"
     known = {f.name for f in dataclasses.fields(MLAConfig)}
@@ -379,7 +463,7 @@ def _from_hf(d: dict) -> MLAConfig:
         rope_scaling=rs,
         rope_interleave=interleave,
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", minicpm)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
@@ -389,9 +473,14 @@ def _from_hf(d: dict) -> MLAConfig:
         scale_emb=float(d.get("scale_emb", 12) or 1.0) if minicpm else 1.0,
         scale_depth=(d.get("scale_depth", 1.4) if minicpm else None),
         dim_model_base=(d.get("dim_model_base", 256) if minicpm else None),
+        attn_scale_beta=None if beta is None else float(beta),
+        attn_scale_original=None if beta is None else int(params["original_max_position_embeddings"]),
         **moe,
         extra={
-            k: v for k, v in d.items() if k not in known and k not in ("rope_parameters", "rope_scaling", *MOE_FIELDS)
+            k: v
+            for k, v in d.items()
+            if k not in known
+            and k not in ("rope_parameters", "rope_scaling", "moe_layer_freq", *MOE_FIELDS, *FAMILIES[mt].defaults)
         },
     )
     return cfg

@@ -9,8 +9,8 @@ Per layer, with head_dim d, rope dim D (the D/2 highest-frequency RoPE pairs kee
   pe rows absorb its group's coefficient, so RoPE's relative-position form is kept exactly.
 - [W_k_nope; W_v] (G (2d - D) rows, M) is factored as B A: A (kv_a_proj's latent rows) is M's top R right singular
   vectors; B (kv_b_proj, repeated per query head of each group) is the least-squares fit, on the calibration
-  activations, of the true keys and values from the latent after DeepSeek's RMS norm (kv_a_layernorm = 1), so the
-  norm the latent passes through is part of the fit.
+  activations, of the true keys and values from the latent after DeepSeek's RMS norm (kv_a_layernorm = 1, eps 1e-6
+  as transformers builds it, whatever rms_norm_eps says), so the norm the latent passes through is part of the fit.
 Everything else (embeddings, norms, MLP, o_proj) is copied. Calibration text is never the evaluation text.
 """
 
@@ -23,6 +23,12 @@ from typing import Any
 import torch
 
 from mla_edge.contract import InputError, kv_elements
+
+from .families import DEFAULT_NORM_EPS
+
+
+# 2: the latent is fitted under kv_a_layernorm's eps 1e-6 (as transformers builds it), not rms_norm_eps
+CONVERT_REVISION = 2
 
 
 class ConvertError(InputError):
@@ -176,7 +182,7 @@ def convert_layer(
     R = kv_lora_rank
     a_lat = torch.linalg.svd(m, full_matrices=False)[2][:R]  # (R, C), orthonormal rows
     c = x @ a_lat.T
-    c = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + shape.eps)
+    c = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + DEFAULT_NORM_EPS)  # kv_a_layernorm's eps (not rms_norm_eps)
     target = x @ m.T  # (N, G (2d - D))
     gram = c.T @ c
     gram += ridge * gram.diagonal().mean() * torch.eye(R, dtype=gram.dtype)

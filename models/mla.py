@@ -153,10 +153,11 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """DeepSeek's top-k router, as transformers computes it. V2 (softmax): greedy, or group_limited_greedy (the
-    topk_group groups with the highest single score). V3 (sigmoid, noaux_tc): experts are chosen on score +
-    e_score_correction_bias within the topk_group groups whose two best biased scores sum highest, weighted by the
-    unbiased scores (normalized with norm_topk_prob). Weights are then scaled by routed_scaling_factor."""
+    """The DeepSeek-family top-k routers, as transformers computes them. Softmax scores: greedy, or the topk_group
+    groups ranked by their best score (V2's group_limited_greedy) or by their two best (Mistral 4's group_top2).
+    Sigmoid (V3's noaux_tc): experts chosen on score + e_score_correction_bias within the groups whose two best biased
+    scores sum highest, weighted by the unbiased scores. Weights are renormalised when norm_topk_prob (never for V2:
+    its config reader clears it), then scaled by routed_scaling_factor."""
 
     def __init__(self, cfg: MLAConfig):
         super().__init__()
@@ -185,7 +186,7 @@ class Router(nn.Module):
             choice = choice.masked_fill(~keep, 0.0 if cfg.scoring_func == "softmax" else float("-inf"))
         chosen = choice.topk(K, dim=-1)[1]  # (N, K)
         weights = scores.gather(1, chosen)
-        if cfg.scoring_func == "sigmoid" and cfg.norm_topk_prob:
+        if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
         return torch.zeros_like(scores).scatter(1, chosen, weights), chosen
@@ -276,10 +277,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, options.device_ops)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps, options.device_ops)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(C, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, options.device_ops)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps, options.device_ops)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, C, bias=bias)
         if options.graph_weights:  # not in state_dict: derived from kv_b_proj whenever weights are loaded
@@ -311,12 +312,13 @@ class MLAttention(nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.w_uk, self.w_uv_t) if self.options.graph_weights else self.split_kv_b()
 
-    def forward(self, x, cos, sin, mask, past, bias=None):
+    def forward(self, x, cos, sin, mask, past, bias=None, q_scale=None):
         """x (B,S,C); cos/sin (B,S,Dr/2), or (B,S,Dr) doubled with rope_in_weights; mask: additive (B,1,S,T) (see
         additive_mask), or None for plain causal with no past; past: this layer's cache entries (see LatentCache).
         Returns out (B,S,C) and the present entries (length T = P + S).
         With `bias` (1,S,N+S), the static protocol instead: past is the fixed buffer (c_kv (1,N,R), k_pe (1,N,Dr)),
-        bias the additive mask over its slots and the new tokens, and only the S new rows come back."""
+        bias the additive mask over its slots and the new tokens, and only the S new rows come back.
+        q_scale (B,1,S,1): Mistral 4's per-position query scale (see MLAForCausalLM.query_scale), or None."""
         cfg = self.cfg
         B, S, _ = x.shape
         H, Dn, Dv, scale = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.softmax_scale
@@ -337,6 +339,8 @@ class MLAttention(nn.Module):
             kv = self.kv_a_proj_with_mqa(x)
             c_new = self.kv_a_layernorm(kv[..., :R])  # (B,S,R)
             pe_new = apply_rope(kv[..., R:], cos, sin, cfg.rope_interleave)  # (B,S,Dr)
+        if q_scale is not None:
+            q_nope, q_pe = q_nope * q_scale, q_pe * q_scale
         if bias is not None:
             return self._static(q_nope, q_pe, c_new, pe_new, bias, past), (c_new, pe_new)
         if self.options.cache_dtype == "int8":  # quantize on write, dequantize the whole latent on read
@@ -402,12 +406,18 @@ class DecoderLayer(nn.Module):
         self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
         self.mlp: nn.Module = MoE(cfg) if cfg.moe_layer(layer) else MLP(cfg)
+        if cfg.post_mlp_norm and cfg.moe_layer(layer):  # A.X-K1: a norm on the MoE block's output
+            self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.device_ops)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, h, cos, sin, mask, past, bias=None):
-        a, present = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, bias)
+    def forward(self, h, cos, sin, mask, past, bias=None, q_scale=None):
+        extra = () if q_scale is None else (q_scale,)  # attention blocks of the research twins take no q_scale
+        a, present = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, bias, *extra)
         h = h + a * self.residual_scale
-        h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        m = self.mlp(self.post_attention_layernorm(h))
+        if hasattr(self, "post_mlp_layernorm"):
+            m = self.post_mlp_layernorm(m)
+        h = h + m * self.residual_scale
         return h, present
 
 
@@ -501,9 +511,18 @@ class MLAForCausalLM(nn.Module):
         cos, sin = cos_sin(inv_freq, self.rope_factor, position_ids)
         # None = plain causal over S new tokens with no past and no padding (lets training use fused SDPA)
         mask = None if plain else additive_mask(attention_mask, S)
-        return self._decode_layers(input_ids, cos, sin, mask, cache)
+        return self._decode_layers(input_ids, cos, sin, mask, cache, q_scale=self.query_scale(position_ids))
 
-    def _decode_layers(self, input_ids, cos, sin, mask, cache, bias=None):
+    def query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """Mistral 4 (transformers' llama_4 attention scaling): queries times 1 + beta * ln(1 + floor(pos / original)),
+        as (B,1,S,1); None for every other type. It is 1 below the original context."""
+        beta, original = self.cfg.attn_scale_beta, self.cfg.attn_scale_original
+        if beta is None or original is None:
+            return None
+        scale = 1 + beta * torch.log(1 + torch.floor(position_ids.float() / original))
+        return scale[:, None, :, None]
+
+    def _decode_layers(self, input_ids, cos, sin, mask, cache, bias=None, q_scale=None):
         if self.options.rope_in_weights:  # cos/sin (B,S,Dr/2) doubled once, for every layer (see rope_rows)
             cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         h = self.model.embed_tokens(input_ids)
@@ -511,7 +530,7 @@ class MLAForCausalLM(nn.Module):
             h = h * self.cfg.scale_emb
         new_cache: LatentCache = []
         for layer, past in zip(self.model.layers, cache):
-            h, present = layer(h, cos, sin, mask, past, bias)
+            h, present = layer(h, cos, sin, mask, past, bias, q_scale)
             new_cache.append(present)
         return self.model.norm(h), new_cache
 

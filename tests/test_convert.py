@@ -13,7 +13,7 @@ from mla_edge.models.convert import ConvertError, convert_checkpoint
 TEXT = " ".join(f"word{i % 37} and {i % 11} more text," for i in range(600))
 
 
-def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16):
+def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16, eps=1e-6, norm=1.0):
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -30,9 +30,13 @@ def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16):
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
+        rms_norm_eps=eps,
     )
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norm < 1: small attention inputs, so a small latent (as SmolLM2's trained norms give)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(norm)
     src = tmp_path / "llama"
     model.save_pretrained(src, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(97)}
@@ -44,9 +48,11 @@ def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16):
 
 
 def test_converted_checkpoint_is_deepseek_v3_that_transformers_and_we_read_alike(tmp_path):
+    """With SmolLM2's rms_norm_eps 1e-5 and a small latent, where the latent norm's eps shows: transformers builds
+    kv_a_layernorm with eps 1e-6, and so do we (the conversion fits the latent under that eps)."""
     import transformers as tf
 
-    llama, src = tiny_llama(tmp_path)
+    llama, src = tiny_llama(tmp_path, eps=1e-5, norm=0.004)
     info = convert_checkpoint(src, tmp_path / "mla", 40, 8, tmp_path / "calib.txt", windows=4, window=64)
     assert info["cache_elements_per_token_per_layer"] == 48 and info["mha_elements"] == 128
     cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
@@ -56,7 +62,7 @@ def test_converted_checkpoint_is_deepseek_v3_that_transformers_and_we_read_alike
     ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, got, orig = ref(input_ids=ids).logits, ours(ids)[0], llama(input_ids=ids).logits
-    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
     # training-free, the converted model stays close to the original on random weights (not a quality claim)
     assert (got.argmax(-1) == orig.argmax(-1)).float().mean() > 0.9
 

@@ -106,6 +106,68 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "torch_dtype": "bfloat16",
     },
 }
+# Youtu-LLM-2B: the dimensions its model card lists (32 layers, 16 heads, q/kv ranks 1536/512, nope/rope/v
+# 128/64/128, 131,072 context, 128,256 vocabulary) with hidden/intermediate sizes and norms from transformers'
+# YoutuConfig, whose defaults are that model's. GLM-4.7-Flash (zai-org): transformers' Glm4MoeLiteConfig defaults
+# (47 layers, the first dense, 64 routed experts of 1536 + 1 shared, 4 per token, rms_norm_eps 1e-5).
+CONFIGS["youtu-llm-2b"] = {
+    "architectures": ["YoutuForCausalLM"],
+    "model_type": "youtu",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "initializer_range": 2.0 / (5.0 * 2048) ** 0.5,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_interleave": True,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}
+CONFIGS["glm-4.7-flash"] = {
+    "architectures": ["Glm4MoeLiteForCausalLM"],
+    "model_type": "glm4_moe_lite",
+    "vocab_size": 154880,
+    "hidden_size": 2048,
+    "intermediate_size": 10240,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 47,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "n_shared_experts": 1,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 4,
+    "routed_scaling_factor": 1.8,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 768,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 256,
+    "qk_nope_head_dim": 192,
+    "hidden_act": "silu",
+    "max_position_embeddings": 202752,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_interleave": True,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "bfloat16",
+}
 SHARD_BYTES = 2 << 30
 
 
