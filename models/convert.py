@@ -26,7 +26,6 @@ from mla_edge.contract import InputError, kv_elements
 
 from .families import DEFAULT_NORM_EPS
 
-
 # 2: the latent is fitted under kv_a_layernorm's eps 1e-6 (as transformers builds it), not rms_norm_eps
 CONVERT_REVISION = 2
 

@@ -227,7 +227,12 @@ _REFUSED = [
         False,
         "a vision-language model whose text attention adds a sparse indexer and softmax scaling",
     ),
-    Family("mistral_large4_text", "mistralai/Mistral-Large-4-1T-A52B", False, "text part of mistral_large4: a sparse indexer"),
+    Family(
+        "mistral_large4_text",
+        "mistralai/Mistral-Large-4-1T-A52B",
+        False,
+        "text part of mistral_large4: a sparse indexer",
+    ),
     Family(
         "axk2",
         "skt/A.X-K2",
@@ -266,14 +271,18 @@ _REFUSED = [
         False,
         "vision-language model; text layers mix linear attention, hyper-connections and a sparse indexer",
     ),
-    Family("glm5_next_text", "zai-org/GLM-5.3-Flash", False, "text part of glm5_next: linear attention, hyper-connections"),
+    Family(
+        "glm5_next_text", "zai-org/GLM-5.3-Flash", False, "text part of glm5_next: linear attention, hyper-connections"
+    ),
     Family(
         "dots3_note",
         "dots-studio/dots3-note-prev",
         False,
         "vision/audio-language model; text attention adds a rope-only key norm and a sparse indexer",
     ),
-    Family("dots3_note_text", "dots-studio/dots3-note-prev", False, "text part of dots3_note: rope-only key norm, indexer"),
+    Family(
+        "dots3_note_text", "dots-studio/dots3-note-prev", False, "text part of dots3_note: rope-only key norm, indexer"
+    ),
     Family(
         "kimi_k25",
         "moonshotai/Kimi-K2.6",
@@ -294,15 +303,16 @@ def refusal(model_type: Any) -> str:
     """The one-line reason a config of this model type does not load (the config reader raises it)."""
     f = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if f is None:
-        return (
-            f"model_type {model_type!r} is not an MLA model we know (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+        return f"model_type {model_type!r} is not an MLA model we know (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
     return f"model_type {model_type!r} ({f.example}) is not supported: {f.note}"
 
 
 def markdown_table() -> str:
     """The README's model table."""
-    rows = ["| model type | example checkpoint | status | what it adds, or why not | verified by |", "|---|---|---|---|---|"]
+    rows = [
+        "| model type | example checkpoint | status | what it adds, or why not | verified by |",
+        "|---|---|---|---|---|",
+    ]
     for f in _SUPPORTED + _REFUSED:
         status = "supported" + ("" if not f.gguf else " (no GGUF)") if f.supported else "refused"
         why = f.note + (f"; GGUF: {f.gguf}" if f.supported and f.gguf else "")

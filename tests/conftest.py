@@ -62,6 +62,59 @@ def hf_model(kind: str = "deepseek_v3", q_lora_rank=None, rope_interleave=True, 
     return model
 
 
+MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=12, n_shared_experts=1, n_group=2)
+YARN4 = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0)
+# Per type: the config fields that make its tiny checkpoint exercise what the type adds.
+SHAPES: dict[str, dict] = {
+    "deepseek_v2": dict(MOE, first_k_dense_replace=1, topk_method="group_limited_greedy", topk_group=1),
+    "deepseek_v3": dict(MOE, first_k_dense_replace=1, topk_group=1, rope_interleave=False),
+    "minicpm3": dict(scale_emb=3.0, scale_depth=1.4, dim_model_base=16, tie_word_embeddings=True),
+    "sarvam_mla": dict(MOE, first_k_dense_replace=1, topk_group=1, q_lora_rank=None),
+    "youtu": dict(tie_word_embeddings=True),
+    "glm4_moe_lite": dict(MOE, mlp_layer_types=["dense", "sparse"], topk_group=1),
+    "mistral4": dict(
+        MOE,
+        first_k_dense_replace=1,
+        topk_group=1,
+        # YaRN (its configs' RoPE) and the llama-4 query scaling stepping up at position 16, inside the test's 28
+        rope_parameters=dict(
+            YARN4, original_max_position_embeddings=16, llama_4_scaling_beta=0.5, partial_rotary_factor=0.5
+        ),
+    ),
+    "axk1": dict(MOE, mlp_layer_types=["dense", "sparse"], topk_group=1),
+}
+
+
+def family_model(kind: str, seed: int = 0, latent_scale: float = 0.02, **over):
+    """transformers' own class for `kind` with seeded weights: logits O(1), and q_a/kv_a projections scaled down so
+    that the latent's mean square (~1e-4 to 1e-5) is comparable to rms_norm_eps 1e-5."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    kw = {**TINY, "rms_norm_eps": 1e-5, "q_lora_rank": 12, "tie_word_embeddings": False}
+    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    kw.update(SHAPES[kind], **over)
+    cfg = tf.AutoConfig.for_model(kind, **kw)
+    cfg._attn_implementation = "eager"
+    cls = tf.Mistral4ForCausalLM if kind == "mistral4" else tf.AutoModelForCausalLM._model_mapping[type(cfg)]
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0:
+                continue
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 0.6 / p.shape[-1] ** 0.5))
+            if "q_a_proj" in name or "kv_a_proj_with_mqa" in name:
+                p.mul_(latent_scale)  # the rope rows of kv_a too: a small k_pe changes nothing but its own size
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn_like(b))
+    return model
+
+
 def save_hf(model, path, **kw):
     model.save_pretrained(str(path), **kw)
     return path

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, save_hf
+from conftest import TINY, family_model, save_hf
 
 from mla_edge.models.checkpoint import CheckpointError, load_model
 from mla_edge.models.config import ConfigError, MLAConfig
@@ -24,27 +23,6 @@ from mla_edge.models.families import FAMILIES, SUPPORTED_MODEL_TYPES, markdown_t
 from mla_edge.models.mla import ModelOptions
 
 PREFILL, DECODE = 12, 16
-MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=12, n_shared_experts=1, n_group=2)
-YARN4 = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0)
-# Per type: the config fields that make its tiny checkpoint exercise what the type adds.
-SHAPES: dict[str, dict] = {
-    "deepseek_v2": dict(MOE, first_k_dense_replace=1, topk_method="group_limited_greedy", topk_group=1),
-    "deepseek_v3": dict(MOE, first_k_dense_replace=1, topk_group=1, rope_interleave=False),
-    "minicpm3": dict(scale_emb=3.0, scale_depth=1.4, dim_model_base=16, tie_word_embeddings=True),
-    "sarvam_mla": dict(MOE, first_k_dense_replace=1, topk_group=1, q_lora_rank=None),
-    "youtu": dict(tie_word_embeddings=True),
-    "glm4_moe_lite": dict(MOE, mlp_layer_types=["dense", "sparse"], topk_group=1),
-    "mistral4": dict(
-        MOE,
-        first_k_dense_replace=1,
-        topk_group=1,
-        # YaRN (its configs' RoPE) and the llama-4 query scaling stepping up at position 16, inside the test's 28
-        rope_parameters=dict(
-            YARN4, original_max_position_embeddings=16, llama_4_scaling_beta=0.5, partial_rotary_factor=0.5
-        ),
-    ),
-    "axk1": dict(MOE, mlp_layer_types=["dense", "sparse"], topk_group=1),
-}
 
 
 def mla_types_in_transformers() -> set[str]:
@@ -65,36 +43,6 @@ def mla_types_in_transformers() -> set[str]:
             if c is not None and "kv_lora_rank" in c.to_dict():
                 found.add(mt)
     return found
-
-
-def family_model(kind: str, seed: int = 0, latent_scale: float = 0.02):
-    """transformers' own class for `kind` with seeded weights: logits O(1), and q_a/kv_a projections scaled down so
-    that the latent's mean square (~1e-4 to 1e-5) is comparable to rms_norm_eps 1e-5."""
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
-    kw = {**TINY, "rms_norm_eps": 1e-5, "q_lora_rank": 12, "tie_word_embeddings": False}
-    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
-    kw.update(SHAPES[kind])
-    cfg = tf.AutoConfig.for_model(kind, **kw)
-    cfg._attn_implementation = "eager"
-    cls = tf.Mistral4ForCausalLM if kind == "mistral4" else tf.AutoModelForCausalLM._model_mapping[type(cfg)]
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.numel() == 0:
-                continue
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 0.6 / p.shape[-1] ** 0.5))
-            if "q_a_proj" in name or "kv_a_proj_with_mqa" in name:
-                p.mul_(latent_scale)  # the rope rows of kv_a too: a small k_pe changes nothing but its own size
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.3 * torch.randn_like(b))
-    return model
 
 
 def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
@@ -190,11 +138,26 @@ def test_family_equals_transformers(tmp_path, kind):
         assert diff <= 1e-4, (kind, attention, diff)
     static = 16 if kind == "mistral4" else 48  # mistral4: the static graphs stop where its query scaling steps up
     opts = ExportOptions(
-        quantize=(), progress=False, require_tokenizer=False, cache_dtype="fp32", static_cache=static, static_chunk=4
+        quantize=("int8", "int4"),
+        progress=False,
+        require_tokenizer=False,
+        cache_dtype="fp32",
+        static_cache=static,
+        static_chunk=4,
+        ort_format=False,
     )
     export_folder(tmp_path / "m", tmp_path / "out", opts)
     got = session_logits(LatentSession(tmp_path / "out", "fp32", "cpu"), ids.numpy())
     assert np.abs(got - want.numpy()).max() <= 1e-4, kind
+    for precision in ("int8", "int4"):  # random weights: quantized logits are reported by `parity`, not judged here
+        q = session_logits(LatentSession(tmp_path / "out", precision, "cpu"), ids.numpy())
+        assert np.isfinite(q).all() and (q.argmax(-1) == want.numpy().argmax(-1)).mean() > 0.5, (kind, precision)
+    info = subprocess.run(["mla-edge", "info", str(tmp_path / "m"), "--json"], capture_output=True, text=True)
+    assert json.loads(info.stdout)["config"]["model_type"] == kind, info.stderr
+    budget = subprocess.run(
+        ["mla-edge", "budget", str(tmp_path / "out"), "--memory", "512MB", "--json"], capture_output=True, text=True
+    )
+    assert budget.returncode == 0 and json.loads(budget.stdout), budget.stderr
     prompt = ids[0, :5].tolist()
     tokens = [
         Generator(tmp_path / "out", "fp32", "cpu", protocol=p).generate_ids([prompt], max_new_tokens=10, eos=False)[0]
@@ -272,3 +235,40 @@ def test_mistral4_static_export_past_its_query_scaling_step_is_refused(tmp_path)
     with pytest.raises(ExportError, match="query scaling step at 16 tokens"):
         export_folder(tmp_path / "m", tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_MODEL_TYPES)
+def test_gguf_is_written_where_llama_cpp_has_the_architecture_and_refused_where_not(tmp_path, capsys, kind):
+    """--format gguf: llama.cpp's deepseek2 for the types it runs that way, one line and exit 2 (no output folder)
+    for the rest. The latent rows are scaled so that llama.cpp's rms_norm_eps (1e-5 here) acts as our 1e-6."""
+    import gguf
+    from conftest import make_tokenizer
+    from safetensors.torch import load_file
+
+    from mla_edge.cli import main
+
+    over = dict(topk_method="greedy", n_group=1) if kind == "deepseek_v2" else {}  # llama.cpp: no max-score groups
+    save_hf(family_model(kind, vocab_size=320, **over), tmp_path / "m")
+    make_tokenizer(tmp_path / "m" / "tokenizer.json", 320)
+    argv = ["export", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--quantize", "none"]
+    capsys.readouterr()  # save_pretrained's progress bar
+    if not FAMILIES[kind].gguf:  # the GGUF alone (the CLI's --format gguf also exports ONNX: slow, tested elsewhere)
+        from mla_edge.export.gguf_file import write_gguf
+
+        (tmp_path / "out").mkdir()
+        write_gguf(tmp_path / "m", tmp_path / "out" / "model.f32.gguf", "f32")
+        code = 0
+    else:
+        code = main([*argv, "--format", "gguf", "--gguf-type", "f32"])
+    if FAMILIES[kind].gguf:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not (tmp_path / "out").exists() and len(err) == 1 and FAMILIES[kind].gguf in err[0]
+        return
+    assert code == 0
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model.f32.gguf"))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "deepseek2"
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    kv_a = state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].numpy()
+    R = TINY["kv_lora_rank"]
+    np.testing.assert_allclose(tensors["blk.0.attn_kv_a_mqa.weight"][:R], kv_a[:R] * np.sqrt(10), rtol=1e-6)
