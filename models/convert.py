@@ -11,6 +11,8 @@ Per layer, with head_dim d, rope dim D (the D/2 highest-frequency RoPE pairs kee
   vectors; B (kv_b_proj, repeated per query head of each group) is the least-squares fit, on the calibration
   activations, of the true keys and values from the latent after DeepSeek's RMS norm (kv_a_layernorm = 1, eps 1e-6
   as transformers builds it, whatever rms_norm_eps says), so the norm the latent passes through is part of the fit.
+  A's rows are scaled so the latent's mean square is 1 on the calibration tokens: no reader's eps (transformers'
+  1e-6, llama.cpp's rms_norm_eps) then changes what the checkpoint means.
 Everything else (embeddings, norms, MLP, o_proj) is copied. Calibration text is never the evaluation text.
 """
 
@@ -27,7 +29,8 @@ from mla_edge.contract import InputError, kv_elements
 from .families import DEFAULT_NORM_EPS
 
 # 2: the latent is fitted under kv_a_layernorm's eps 1e-6 (as transformers builds it), not rms_norm_eps
-CONVERT_REVISION = 2
+# 3: and scaled to a mean square of 1 on the calibration tokens, so that no reader's eps matters
+CONVERT_REVISION = 3
 
 
 class ConvertError(InputError):
@@ -180,6 +183,10 @@ def convert_layer(
     m = torch.cat([torch.cat([wk[g, nope_rows], wv[g]]) for g in range(G)])  # (G (2d - D), C)
     R = kv_lora_rank
     a_lat = torch.linalg.svd(m, full_matrices=False)[2][:R]  # (R, C), orthonormal rows
+    # scaled so that the latent's mean square is 1 on the calibration tokens: then the latent norm's eps (1e-6 in
+    # transformers and here, rms_norm_eps in llama.cpp's own converter and runtime) is irrelevant to whoever reads
+    # the checkpoint (a norm is scale-free but for its eps), and the fit below is for that exact latent
+    a_lat = a_lat / (x @ a_lat.T).pow(2).mean().sqrt().clamp(min=1e-12)
     c = x @ a_lat.T
     c = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + DEFAULT_NORM_EPS)  # kv_a_layernorm's eps (not rms_norm_eps)
     target = x @ m.T  # (N, G (2d - D))

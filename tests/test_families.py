@@ -111,6 +111,17 @@ def test_defaults_are_transformers_class_defaults(kind):
             assert getattr(ref, k) == v, (kind, k, getattr(ref, k), v)
 
 
+@pytest.mark.parametrize("kind", SUPPORTED_MODEL_TYPES)
+def test_config_round_trips_and_transformers_reads_what_we_write(tmp_path, kind):
+    import transformers as tf
+
+    save_hf(family_model(kind), tmp_path / "m")
+    cfg = MLAConfig.from_pretrained(tmp_path / "m")
+    assert MLAConfig.from_dict(cfg.to_dict()) == cfg
+    back = tf.AutoConfig.for_model(kind, **{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
+    assert MLAConfig.from_dict(back.to_dict()) == cfg
+
+
 def test_readme_model_table_is_the_generated_one():
     from pathlib import Path
 

@@ -233,7 +233,7 @@ def test_llama_cpp_logits_equal_ours_for_moe_and_yarn(tmp_path, case):
         ("v2-group-limited", "group_limited_greedy routing"),
         ("v3-noaux-tc-no-shared", "needs shared experts"),
         ("yarn-mscale", "mscale 0.8 != mscale_all_dim 0.707"),
-        ("minicpm3", "is MiniCPM3: llama.cpp runs it as its minicpm3 architecture"),
+        ("minicpm3", "is minicpm3: llama.cpp runs MiniCPM3 as its own minicpm3 architecture"),
     ],
 )
 def test_gguf_refuses_what_llama_cpp_cannot_say_before_any_work(tmp_path, capsys, case, expect):
