@@ -100,7 +100,7 @@ def test_moe_config_that_contradicts_its_tensors_is_named(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["v2-group-limited", "v3-noaux-tc-shared"])
+@pytest.mark.parametrize("case", ["v3-noaux-tc-shared"])  # V2's group-limited ONNX parity: test_families
 def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
     """The exported graph (routing included) equals PyTorch over a prefill and 32 decode steps; int8 and int4 run
     and their error is reported, not judged (random weights)."""
@@ -127,7 +127,7 @@ def test_moe_onnx_matches_pytorch_over_32_steps(tmp_path, case):
         assert np.isfinite(q["max_abs_logit_diff"])
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["v2-group-limited", "v3-noaux-tc-shared"])  # the two group-limited rules
 def test_router_fidelity_onnx_chooses_the_experts_pytorch_chooses(tmp_path, case):
     """On every token of a prefill and 32 decode steps, every MoE layer of the fp32 graph (a com.microsoft MoE
     node behind plain-op routing) picks exactly PyTorch's experts; near-ties are reported, none occur here."""
@@ -180,27 +180,6 @@ def test_budget_counts_the_experts(tmp_path):
         save_hf(moe_model(kind, extra), tmp_path / case)
         model = load_model(tmp_path / case)
         assert param_count(model.cfg) == sum(p.numel() for p in model.parameters())
-
-
-@pytest.mark.slow
-def test_moe_static_export_gives_the_dynamic_tokens(tmp_path):
-    from mla_edge.export.pipeline import ExportOptions, export_folder
-    from mla_edge.runtime.generate import Generator
-
-    kind, extra = CASES["v3-noaux-tc-shared"]
-    save_hf(moe_model(kind, extra), tmp_path / "m")
-    opts = ExportOptions(
-        quantize=(), progress=False, require_tokenizer=False, ort_format=False, static_cache=120, static_chunk=8
-    )
-    export_folder(tmp_path / "m", tmp_path / "out", opts)
-    prompt = np.random.default_rng(1).integers(3, 97, 19).tolist()
-    want, got = (
-        Generator(tmp_path / "out", "fp32", "cpu", protocol=p)
-        .generate_ids([prompt], max_new_tokens=64, eos=False)[0]
-        .token_ids
-        for p in ("dynamic", "static")
-    )
-    assert got == want and len(want) == 64
 
 
 def test_streaming_int8_equals_onnxruntime_quantize_dynamic(tmp_path):
