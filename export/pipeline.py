@@ -101,6 +101,26 @@ def check_output(out_dir: Path, force: bool) -> None:
         raise ExportError(f"output folder {out_dir} is not writable (no write permission on {parent})")
 
 
+def check_calibration_text(path: Path) -> None:
+    """Before any work: calibration text that exists, is UTF-8, and holds some text (one line naming the problem)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ExportError(f"calibration text {path} not found") from None
+    except IsADirectoryError:
+        raise ExportError(f"calibration text {path} is a folder, not a text file") from None
+    except OSError as e:
+        raise ExportError(f"calibration text {path} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExportError(
+            f"calibration text {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})"
+        ) from None
+    if not text.strip():
+        raise ExportError(f"calibration text {path} is empty")
+
+
 def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOptions = ExportOptions()) -> dict:
     """Export and quantize; returns the manifest written to OUT_DIR/mla_edge.json."""
     from mla_edge.models.checkpoint import atomic_folder
@@ -197,6 +217,8 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
             raise ExportError(f"calibration text {calib} not found")
         if not tokenizer.is_file():
             raise ExportError(f"int8-qdq calibration needs {tokenizer} to tokenize the calibration text")
+    if calib is not None:
+        check_calibration_text(Path(calib))
     check_output(out_dir, opts.force)
     try:
         with atomic_folder(out_dir) as tmp, quiet():

@@ -453,6 +453,8 @@ def cmd_budget(a: argparse.Namespace) -> int:
         target = Path(a.plot)
         if target.is_dir() or not target.parent.is_dir():
             raise UserError(f"--plot {a.plot}: {'is a folder' if target.is_dir() else 'its folder does not exist'}")
+        if target.suffix.lower() not in PLOT_FORMATS:  # matplotlib picks the format by suffix, or raises
+            raise UserError(f"--plot {a.plot}: name a .png, .svg or .pdf file (matplotlib writes the format by suffix)")
     cal = None
     if a.calibrate:
         if not (folder / MANIFEST).is_file():
@@ -470,6 +472,9 @@ def cmd_budget(a: argparse.Namespace) -> int:
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"mla-edge: note: {message}\n"
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
 def main(argv: list[str] | None = None) -> int:

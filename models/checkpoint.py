@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,32 +279,98 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class FolderRaceError(InputError):
+    """The output folder changed under a run (another process made or replaced it): nothing of it was touched."""
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux's renameat2 (atomic no-replace / exchange); False where this system has no such call."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # no renameat2, or a filesystem without these flags
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which folder this is: device, inode, and change time (an inode number is reused by a folder made after
+    another was deleted; the change time also moves when anything is added to or removed from it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _raced(out_dir: Path) -> FolderRaceError:
+    return FolderRaceError(
+        f"{out_dir} was created or replaced by someone else while this run wrote it: left untouched, nothing written"
+    )
+
+
+def _publish(tmp: Path, out_dir: Path, found: tuple[int, int, int] | None) -> None:
+    """Move tmp to out_dir, replacing only the folder that was there when the run began (`found`, its identity):
+    never one that appeared, or was swapped in, meanwhile. Atomic where the system has renameat2."""
+    if found is None:  # nothing to replace: a folder that appears meanwhile is someone else's
+        try:
+            if _renameat2(tmp, out_dir, _RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            raise _raced(out_dir) from None
+        if out_dir.exists():
+            raise _raced(out_dir)
+        os.rename(tmp, out_dir)
+        return
+    if _identity(out_dir) != found:
+        raise _raced(out_dir)
+    if _renameat2(tmp, out_dir, _RENAME_EXCHANGE):  # tmp now holds what was at out_dir
+        moved = _identity(tmp)  # a rename moves the change time: compare device and inode only
+        if moved is None or moved[:2] != found[:2]:  # swapped in between the check and the exchange: put it back
+            _renameat2(tmp, out_dir, _RENAME_EXCHANGE)
+            raise _raced(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside out_dir; when the block succeeds it becomes out_dir in one rename (an
-    existing out_dir is swapped out and removed only then), and when it fails nothing of it is left. Temp and backup
-    folders that a killed run left behind (their process is gone) are removed first. Callers decide whether an
-    existing out_dir may be replaced."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    """Yield an empty temp folder beside out_dir; when the block succeeds it becomes out_dir in one rename, and when
+    it fails nothing of it is left. Callers decide, before entering, whether an existing out_dir may be replaced: only
+    that folder (the one there on entry) is; a folder that appears at out_dir while the block runs, or replaces the
+    one that was there, is never touched, and the run fails with one line (FolderRaceError). Temp and backup folders
+    that a killed run left behind (their process is gone) are removed first."""
+    # one name per run, even two runs of one process (threads): .NAME.tmpXXXXXX-PID
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{secrets.token_hex(3)}-{os.getpid()}")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
         raise PermissionError(f"cannot write beside {out_dir}: {e.strerror}") from None
     for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
         kind, _, pid = stale.name[len(out_dir.name) + 2 :].rpartition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind.startswith(("tmp", "old")) and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+    found = _identity(out_dir)
     try:
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, found)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -255,7 +255,9 @@ class Generator:
                         yield i, piece
                     if stream.stopped:
                         finish[i] = "stop"
-                if finish[i] is None and (len(out[i]) >= max_new_tokens or len(rows[i]) + len(out[i]) >= ctx):
+                # the batch shares one cache as wide as its longest prompt: feeding this token would make it
+                # length + 1 long, which must stay inside the context for every row, however short its own prompt
+                if finish[i] is None and (len(out[i]) >= max_new_tokens or length + 1 >= ctx):
                     finish[i] = "length"
             if all(finish):
                 break

@@ -56,6 +56,42 @@ def ort_target() -> dict:
     }
 
 
+def _paths(data: dict) -> list[tuple[str, str]]:
+    """Every file name a manifest holds: (its field, the name) — each "path" under files and static, and the
+    tokenizer."""
+    out: list[tuple[str, str]] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "path":
+                    out.append((f"{where}.path", v if isinstance(v, str) else repr(v)))
+                else:
+                    walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(data.get("files", {}), "files")
+    walk(data.get("static", {}), "static")
+    if isinstance(data.get("tokenizer"), str):
+        out.append(("tokenizer", data["tokenizer"]))
+    return out
+
+
+def _outside(folder: Path, name: str) -> str | None:
+    """Why `name` leaves `folder` (None when it stays inside): absolute, '..', or a link that points out."""
+    p = Path(name)
+    if p.is_absolute():
+        return "an absolute path"
+    if ".." in p.parts:
+        return "a path through '..'"
+    root = folder.resolve()
+    if not (folder / p).resolve().is_relative_to(root):
+        return "a link that points out of the folder"
+    return None
+
+
 @dataclass(frozen=True)
 class Manifest:
     data: dict
@@ -102,6 +138,12 @@ class Manifest:
                 or not isinstance(entry.get("files"), list)
             ):
                 raise ManifestError(f"{path}: field 'files.{precision}' must name its files")
+        for where, name in _paths(data):
+            outside = _outside(folder, name)
+            if outside:
+                raise ManifestError(
+                    f"{path}: field {where!r} is {name!r}, {outside}: a manifest's files must stay inside its folder"
+                )
         return cls(data, folder)
 
     @property
@@ -139,7 +181,7 @@ class Manifest:
             if verify and not (verify != "full" and _trusted(p, f["sha256"])):
                 if sha256(p) != f["sha256"]:
                     raise ManifestError(
-                        f"model file {p.name} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
+                        f"model file {p} does not match its sha256 in {MANIFEST}: it was changed or corrupted"
                     )
                 _remember(p, f["sha256"])
         return self.folder / entry["path"]

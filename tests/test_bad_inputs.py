@@ -229,6 +229,7 @@ CLI = [
     ("budget-batch0", ["budget", "--memory", "1GB", "--batch", "0"], "--batch"),
     ("budget-plot-dir", ["budget", "--memory", "1GB", "--plot", "{root}/nope/plot.png"], "--plot"),
     ("budget-plot-onto-dir", ["budget", "--memory", "1GB", "--plot", "{root}/thesis"], "--plot"),
+    ("budget-plot-txt", ["budget", "--memory", "1GB", "--plot", "{root}/plot.txt"], ".png, .svg or .pdf"),
     ("budget-plot-weights", ["budget", "--memory", "1GB", "--plot-weights", "fp16"], "--plot-weights"),
     ("budget-nomemory", ["budget"], "--memory"),
     ("budget-badmanifest", ["budget", "{badmanifest}", "--memory", "1GB"], "not valid JSON"),
@@ -404,6 +405,74 @@ def test_force_replaces_only_an_earlier_export_and_leaves_no_temp_folders(world,
     assert (out / MANIFEST).is_file() and not list(tmp_path.glob(".again.*"))
 
 
+def test_a_folder_that_appears_during_an_export_is_never_replaced(world, tmp_path, monkeypatch, capsys):
+    """The user makes the output folder (with a notes.txt) while an export runs, without --force: the export fails
+    in one line, exit 2, and the user's folder and file are untouched (it used to be deleted)."""
+    import mla_edge.export.pipeline as pipeline
+    from mla_edge.cli import main
+
+    out = tmp_path / "racy"
+    real = pipeline._build
+
+    def build_then_user_writes(*a, **kw):
+        manifest = real(*a, **kw)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return manifest
+
+    monkeypatch.setattr(pipeline, "_build", build_then_user_writes)
+    capsys.readouterr()
+    assert main(["export", str(world["hf"]), "-o", str(out), "--quantize", "none", "--no-tokenizer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "left untouched" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".racy.*"))
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"  \n\t", "is empty"), (b"ok \xff\xfe", "not UTF-8")])
+def test_bad_calibration_text_is_one_line_before_any_work(world, tmp_path, monkeypatch, capsys, content, match):
+    """Empty or non-UTF-8 calibration text fails at once (it was a UnicodeDecodeError traceback after minutes of
+    export work), and nothing is written."""
+    import mla_edge.export.pipeline as pipeline
+    from mla_edge.cli import main
+
+    monkeypatch.setattr(pipeline, "_build", lambda *a, **kw: pytest.fail("export work started"))
+    (tmp_path / "calib.txt").write_bytes(content)
+    argv = ["export", str(world["hf"]), "-o", str(tmp_path / "out"), "--quantize", "int8-qdq"]
+    capsys.readouterr()
+    assert main([*argv, "--calibration-text", str(tmp_path / "calib.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_atomic_folder_replaces_only_what_was_there_when_it_began(tmp_path):
+    """--force replaces the folder found on entry; one swapped in meanwhile (even reusing its inode number), or one
+    made by a second run that finished first, is left as it is and the later run fails."""
+    import shutil
+
+    from mla_edge.models.checkpoint import FolderRaceError, atomic_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("o")
+    with atomic_folder(out) as t:
+        (t / "new").write_text("n")
+    assert [p.name for p in out.iterdir()] == ["new"]
+    with pytest.raises(FolderRaceError), atomic_folder(out) as t:
+        (t / "newer").write_text("n")
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "user").write_text("u")
+    assert [p.name for p in out.iterdir()] == ["user"]
+    with pytest.raises(FolderRaceError), atomic_folder(tmp_path / "two") as first:  # two runs, one path
+        (first / "a").write_text("1")
+        with atomic_folder(tmp_path / "two") as second:
+            (second / "b").write_text("2")
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "two"]
+
+
 def test_base_install_without_torch_says_which_extra(world):
     """export, parity and demo on the base install (no torch): one line naming the extra to install."""
     import subprocess
@@ -439,7 +508,7 @@ def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp
         text=True,
     )
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".interrupted.tmp-*")) and time.time() < deadline and p.poll() is None:
+    while not list(tmp_path.glob(".interrupted.tmp*")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)  # wait until the export has started writing
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """Runtime: torch-free generation that equals PyTorch token for token, lossless streaming, clear errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,17 @@ def test_context_limit_stops_with_length(text_export):
     assert r.finish_reason == "length" and len(prompt) + len(r.token_ids) == CTX
 
 
+def test_batch_stops_at_the_shared_cache_limit_not_each_rows_own(text_export):
+    """A left-padded batch shares one cache as wide as its longest prompt: a short row may not run on to its own
+    context limit (that crashed onnxruntime with a broadcast error at the padded width + steps)."""
+    gen = Generator(text_export[1], "fp32")
+    long, short = list(range(1, 81)), [5, 6, 7, 8]  # 80 and 4 of 96 positions
+    res = gen.generate_ids([long, short], max_new_tokens=50, eos=False)
+    assert [r.finish_reason for r in res] == ["length", "length"]
+    assert [len(r.token_ids) for r in res] == [CTX - 80, CTX - 80]  # the padded width decides, for both rows
+    assert res[0].stats["cache_tokens"] < CTX
+
+
 def test_seed_makes_sampling_reproducible(text_export):
     gen = Generator(text_export[1], "int8")
     opts = dict(
@@ -183,6 +195,36 @@ def test_tampered_model_file(text_export, tmp_path):
     ort_file.write_bytes(ort_file.read_bytes()[:-7] + b"garbage")
     with pytest.raises(ManifestError, match="model.ort does not match its sha256"):
         Generator(bad, "fp32")
+
+
+@pytest.mark.parametrize(
+    "field,value,why",
+    [
+        ("files.int8.path", "../other-export/model.int8.onnx", "'..'"),
+        ("files.int8.files[0].path", "/etc/passwd", "absolute"),
+        ("tokenizer", "../../tokenizer.json", "'..'"),
+        ("files.int8.files[0].path", "link.onnx", "link that points out"),
+    ],
+)
+def test_manifest_paths_must_stay_inside_the_folder(text_export, tmp_path, field, value, why, monkeypatch):
+    """A manifest naming a file outside its folder is refused when read, before anything is opened or hashed."""
+    import mla_edge.runtime.manifest as manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(text_export[1], bad)
+    (bad / "link.onnx").symlink_to(text_export[1] / "model.int8.onnx")  # a link out of the folder
+    data = json.loads((bad / "mla_edge.json").read_text())
+    if field == "tokenizer":
+        data["tokenizer"] = value
+    elif field == "files.int8.path":
+        data["files"]["int8"]["path"] = value
+    else:
+        data["files"]["int8"]["files"][0]["path"] = value
+    (bad / "mla_edge.json").write_text(json.dumps(data))
+    monkeypatch.setattr(manifest, "sha256", lambda p: pytest.fail(f"hashed {p}"))
+    with pytest.raises(ManifestError, match=f"field '{re.escape(field)}' is .*{why}.*must stay inside its folder") as e:
+        Generator(bad, "fp32")
+    assert "\n" not in str(e.value)
 
 
 def test_a_verified_file_is_trusted_until_it_changes(text_export, tmp_path, monkeypatch):
