@@ -197,7 +197,7 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="auto", choices=["auto", "dynamic", "static"], help=HELP["protocol"])
     count(p, "--threads", None, "intra-op threads (default: physical cores)")
     count(p, "--max-new-tokens", 256)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7; 0 = greedy)")
     count(p, "--top-k", 0, "0 = off", zero=True)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)

@@ -155,6 +155,8 @@ class MLAConfig:
         path = Path(model_dir)
         if path.is_dir():
             path = path / "config.json"
+        elif path.is_file() and path.suffix != ".json":
+            raise ConfigError(f"{path} is a file: pass the model folder that holds config.json and *.safetensors")
         if not path.is_file():
             raise ConfigError(f"no config.json in {Path(model_dir)}: is this a Hugging Face model folder?")
         try:

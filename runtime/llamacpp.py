@@ -210,11 +210,14 @@ def run_generation(gguf: Path, prompt: str, new_tokens: int, threads: int, ctx: 
     cmd += ["-c", str(ctx), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-warmup", "--perf"]
     timed = Path(GNU_TIME).is_file()
     fmt = "MLA_EDGE_MAXRSS_KB=%M"
-    r = subprocess.run(([GNU_TIME, "-f", fmt] if timed else []) + cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise LlamaCppError(f"llama-completion failed on {gguf.name}: {r.stderr.strip()[-400:]}")
-    rss = re.search(r"MLA_EDGE_MAXRSS_KB=(\d+)", r.stderr) if timed else None
-    load = _LOAD.search(r.stderr) or _LOAD.search(r.stdout)
+    for _ in range(3):  # on a loaded machine llama.cpp's log now and then ends before its perf report: run again
+        r = subprocess.run(([GNU_TIME, "-f", fmt] if timed else []) + cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise LlamaCppError(f"llama-completion failed on {gguf.name}: {r.stderr.strip()[-400:]}")
+        rss = re.search(r"MLA_EDGE_MAXRSS_KB=(\d+)", r.stderr) if timed else None
+        load = _LOAD.search(r.stderr) or _LOAD.search(r.stdout)
+        if load:
+            break
     return {
         "generate_peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
         "load_ttft_s": float(load.group(1)) / 1e3 if load else None,

@@ -230,6 +230,8 @@ CLI = [
     ("budget-plot-dir", ["budget", "--memory", "1GB", "--plot", "{root}/nope/plot.png"], "--plot"),
     ("budget-plot-onto-dir", ["budget", "--memory", "1GB", "--plot", "{root}/thesis"], "--plot"),
     ("budget-plot-txt", ["budget", "--memory", "1GB", "--plot", "{root}/plot.txt"], ".png, .svg or .pdf"),
+    ("info-a-file", ["info", "{hf}/model.safetensors"], "is a file: pass the model folder"),
+    ("export-a-file", ["export", "{hf}/model.safetensors", "-o", "{root}/x"], "is a file: pass the model folder"),
     ("budget-plot-weights", ["budget", "--memory", "1GB", "--plot-weights", "fp16"], "--plot-weights"),
     ("budget-nomemory", ["budget"], "--memory"),
     ("budget-badmanifest", ["budget", "{badmanifest}", "--memory", "1GB"], "not valid JSON"),
