@@ -85,7 +85,7 @@ def snapshot(root: Path) -> dict:
 # (id, argv with {name} placeholders for world paths, a piece of the expected message)
 CLI = [
     ("info-missing", ["info", "{root}/nope"], "no config.json"),
-    ("info-file", ["info", "{root}/afile"], "not valid JSON"),
+    ("info-file", ["info", "{root}/afile"], "is a file: pass the model folder"),
     ("info-badjson", ["info", "{badjson}"], "not valid JSON"),
     ("info-listjson", ["info", "{listjson}"], "JSON object"),
     ("info-llama", ["info", "{llama}"], "not an MLA model"),
