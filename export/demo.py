@@ -205,5 +205,6 @@ def run_smollm2_demo(
         "`python -m mla_edge.models.recipes.heal` recovers most of the loss (see the README)"
     )
     report["seconds"] = time.time() - t_start
+    say(f"\nchat with it: mla-edge chat {export_dir}")
     say(f"\ndone in {report['seconds']:.0f} s")
     return report

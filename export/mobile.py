@@ -3,8 +3,6 @@ tokenizer as ONNX graphs (onnxruntime-extensions), so an Android app needs nothi
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,13 +24,15 @@ def mobile_ort_files(tmp: Path, section: dict) -> str:
     import onnxruntime as ort
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
+    from mla_edge.runtime.static import native_chatter
+
     entries = [e for graphs in section["files"].values() for e in graphs.values()]
     with tempfile.TemporaryDirectory(dir=tmp) as work:
         src, out = Path(work) / "src", Path(work) / "out"
         src.mkdir()
         for e in entries:
             shutil.copyfile(tmp / e["path"], src / e["path"])
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with native_chatter():  # its INFO log lines and prints
             convert_onnx_models_to_ort(src, out, optimization_styles=[OptimizationStyle.Runtime], target_platform="arm")
         for e in entries:
             name = ort_name(e["path"])
@@ -52,7 +52,7 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
     SoC, into an EPContext model (a small .onnx naming a QNN context binary): a phone loads it without compiling."""
     import onnxruntime as ort
 
-    from mla_edge.runtime.static import QNN_HTP_FP16, native_stdout_to_stderr, qnn_session_options, qnn_target
+    from mla_edge.runtime.static import QNN_HTP_FP16, native_chatter, qnn_session_options, qnn_target
 
     target = qnn_target(soc)
     for precision in [p for p in ("fp32", "w8a16", "w8a8") if p in section["files"]]:
@@ -62,7 +62,7 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
             so.add_session_config_entry("ep.context_enable", "1")
             so.add_session_config_entry("ep.context_file_path", str(tmp / name))
             so.add_session_config_entry("ep.context_embed_mode", "0")
-            with native_stdout_to_stderr():
+            with native_chatter():
                 ort.InferenceSession(str(tmp / entry["path"]), so)
             binaries = sorted(p.name for p in tmp.glob(name[: -len(".onnx")] + "*.bin"))
             entry["qnn_context"] = {**file_entry(tmp, precision, [name, *binaries]), "soc": soc.lower(), **target}

@@ -33,6 +33,7 @@ from mla_edge.contract import (
     InputError,
     dynamic_graph,
     ort_name,
+    read_user_text,
     static_file,
     static_graph,
 )
@@ -104,21 +105,9 @@ def check_output(out_dir: Path, force: bool) -> None:
 def check_calibration_text(path: Path) -> None:
     """Before any work: calibration text that exists, is UTF-8, and holds some text (one line naming the problem)."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ExportError(f"calibration text {path} not found") from None
-    except IsADirectoryError:
-        raise ExportError(f"calibration text {path} is a folder, not a text file") from None
-    except OSError as e:
-        raise ExportError(f"calibration text {path} cannot be read: {e.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ExportError(
-            f"calibration text {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})"
-        ) from None
-    if not text.strip():
-        raise ExportError(f"calibration text {path} is empty")
+        read_user_text(path, "calibration text")
+    except InputError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOptions = ExportOptions()) -> dict:

@@ -17,12 +17,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError
+from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError, read_user_text
 from mla_edge.models import DEMO_DIR
 from mla_edge.parser import build_parser
 
 EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm", "gguf"}  # what `[export]` installs
 CONVERT_MODULES = {"transformers"}  # and what `[convert]` adds
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that a half-written export is removed as after Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one cleanup, however many signals follow
+    raise Terminated()
 
 
 class UserError(InputError):
@@ -155,6 +164,23 @@ def cmd_export(a: argparse.Namespace) -> int:
             raise UserError(
                 f"--format genai with --cache-dtype {a.cache_dtype}: onnxruntime-genai keeps a float32 cache"
             )
+        if a.format == "genai" and not (out / MANIFEST).is_file():  # what the export will hold, checked first
+            made = {"fp32", *a.quantize} - {"none"}
+            if a.genai_precision not in made:
+                raise UserError(
+                    f"--genai-precision {a.genai_precision}: this export makes {', '.join(sorted(made))}; add "
+                    f"--quantize {a.genai_precision}"
+                )
+            if a.no_tokenizer:
+                raise UserError("--format genai needs the tokenizer (genai tokenizes itself): drop --no-tokenizer")
+        elif a.format == "genai":
+            from mla_edge.runtime.manifest import Manifest
+
+            if a.genai_precision not in Manifest.read(out).precisions:
+                raise UserError(
+                    f"--genai-precision {a.genai_precision}: {out} has {', '.join(Manifest.read(out).precisions)}; "
+                    "export it again with that precision"
+                )
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
             from mla_edge.export.gguf_file import check_gguf
 
@@ -202,10 +228,13 @@ def cmd_parity(a: argparse.Namespace) -> int:
     out_dir = Path(a.dirs[-1])
     manifest = Manifest.read(out_dir)
     model_dir = Path(a.dirs[0]) if len(a.dirs) == 2 else Path(manifest.data["source"]["model_dir"])
+    if a.provider != "cpu" and not a.static:
+        raise UserError(
+            f"--provider {a.provider} needs --static: the dynamic graphs are compared on the CPU, the static graphs on "
+            "a provider"
+        )
     text_path = a.text or (model_dir / "heldout.txt" if (model_dir / "heldout.txt").is_file() else None)
-    if text_path is not None and not Path(text_path).is_file():
-        raise UserError(f"--text {text_path} not found")
-    text = Path(text_path).read_text(encoding="utf-8") if text_path else None
+    text = read_user_text(text_path, "--text") if text_path else None
     if a.static:
         return _static_parity(a, manifest, text, str(text_path))
     report = run_parity(
@@ -342,7 +371,18 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     gen = _generator(a, export_dir_or_demo(a.out_dir))
     kw = _generation_options(a)
-    gen.chat_prompt([{"role": "user", "content": "hi"}])  # no template, or a broken one: one line, now
+    from mla_edge.runtime.chat import ChatError
+
+    try:
+        gen.chat_prompt([{"role": "user", "content": "hi"}])  # no template, or a broken one: one line, now
+    except ChatError:
+        if a.out_dir:
+            raise
+        raise UserError(
+            "the demo model is a 5.9M-parameter story model with no chat format: chat with a chat model's export "
+            "(`mla-edge demo --model smollm2` makes one and prints `mla-edge chat FOLDER`), or continue a story "
+            'with `mla-edge generate "It was a dark and stormy night, and"`'
+        ) from None
     interactive = sys.stdin.isatty()
 
     def read() -> str | None:
@@ -477,9 +517,24 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
+SIZE_FLAGS = ("--memory", "--memory-limit")
+
+
+def _join_negative_sizes(argv: list[str]) -> list[str]:
+    """`--memory -5MB` as `--memory=-5MB`: argparse would take -5MB for a flag ("expected one argument"); the size
+    parser then names the real problem."""
+    out: list[str] = []
+    for x in argv:
+        if out and out[-1] in SIZE_FLAGS and x[:1] == "-" and x[1:2].isdigit():
+            out[-1] = f"{out[-1]}={x}"
+        else:
+            out.append(x)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_sizes(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(sys.modules[__name__])
     try:
         args = parser.parse_args(argv)
@@ -489,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.argv = argv
+    if args.debug:  # native libraries' banners and onnxruntime's INFO logs reach stderr only then
+        import logging
+
+        logging.getLogger("mla_edge").setLevel(logging.DEBUG)
     try:
         return args._run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
@@ -497,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"mla-edge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM (a service manager, `timeout`, `kill`): cleaned up the same way
+        print(f"mla-edge {args.command}: terminated", file=sys.stderr)
+        return 143
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in EXTRA_MODULES | CONVERT_MODULES:
             extra = "export,convert" if e.name.split(".")[0] in CONVERT_MODULES else "export"
@@ -524,11 +586,12 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The console entry point. After Ctrl-C the process ends at once with 130 (streams flushed): native threads
     that the interrupt left mid-work (onnxruntime, torch) must not turn the exit into a crash at shutdown."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     code = main()
-    if code == 130:
+    if code in (130, 143):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

@@ -34,6 +34,27 @@ class InputError(ValueError):
     traceback."""
 
 
+def read_user_text(path: Any, what: str) -> str:
+    """A text file a user names (calibration or held-out text): it exists, is UTF-8 and holds some text, or one
+    line says which of these fails (`what` names the flag)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder, not a text file") from None
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+    if not text.strip():
+        raise InputError(f"{what} {path} is empty")
+    return text
+
+
 # ---- one vocabulary for precision and dtype ------------------------------------------------------------------------
 # weight precisions of an export (one graph file each)
 PRECISIONS = ("fp32", "int8", "int4", "int8-qdq", "w8a32", "int8-block")

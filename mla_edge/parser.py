@@ -27,6 +27,17 @@ def _positive(name: str, zero_ok: bool = False) -> Callable[[str], int]:
     return parse
 
 
+def _path(name: str, kind: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """A path flag that refuses an empty value (`-o ""` would otherwise mean the default, or the current folder)."""
+
+    def parse(text: str) -> Any:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{name} is empty: name a file or folder")
+        return kind(text)
+
+    return parse
+
+
 def _lengths(text: str) -> tuple[int, ...]:  # the hidden bench worker's lengths, written by `bench` itself
     return tuple(int(x) for x in text.split(","))
 
@@ -115,20 +126,38 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
 
     p = command("convert", h.cmd_convert, "turn a GQA/MHA llama model (.gguf or HF folder) into an MLA model")
     p.add_argument("src", metavar="SRC", help="a llama-architecture .gguf file or Hugging Face llama folder")
-    p.add_argument("-o", "--out", required=True, metavar="MODEL_DIR", help="the DeepSeek-V3-format folder to write")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=_path("-o/--out"),
+        metavar="MODEL_DIR",
+        help="the DeepSeek-V3-format folder to write",
+    )
     count(p, "--kv-lora-rank", 256, "latent width (the cache keeps this plus --rope-dim per token per layer)")
     count(p, "--rope-dim", 32, "rope dims kept (the highest-frequency pairs), shared by all heads")
-    p.add_argument("--calibration-text", type=Path, required=True, help="text to calibrate on (never the test text)")
+    p.add_argument(
+        "--calibration-text",
+        type=_path("--calibration-text", Path),
+        required=True,
+        help="text to calibrate on (never the test text)",
+    )
     count(p, "--windows", 32, "calibration windows")
     count(p, "--window", 512, "tokens per calibration window")
     p.add_argument("--force", action="store_true", help="replace MODEL_DIR if an earlier convert wrote it")
 
     p = command("export", h.cmd_export, "export a model to ONNX with an explicit latent cache, and quantize it")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])
-    p.add_argument("-o", "--out", metavar="OUT_DIR", help="export folder to create (default: ./<model name>-onnx)")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=_path("-o/--out"),
+        metavar="OUT_DIR",
+        help="export folder to create (default: ./<model name>-onnx)",
+    )
     p.add_argument("--quantize", nargs="+", default=["int8"], choices=["none", *PRECISIONS[1:]], help=HELP["quantize"])
     p.add_argument("--int4-block-size", type=int, default=32, help="MatMulNBits block size (power of 2, >= 16)")
-    p.add_argument("--calibration-text", type=Path, help=HELP["calibration"])
+    p.add_argument("--calibration-text", type=_path("--calibration-text", Path), help=HELP["calibration"])
     p.add_argument("--cache-dtype", choices=CACHE_DTYPES, help=HELP["cache_dtype"])
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier mla-edge export")
     p.add_argument(
@@ -206,7 +235,9 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
 
     p = command("parity", h.cmd_parity, "compare PyTorch and each ONNX precision: logits, greedy tokens, perplexity")
     p.add_argument("dirs", nargs="+", metavar="[MODEL_DIR] OUT_DIR", help=HELP["parity_dirs"])
-    p.add_argument("--text", type=Path, help="text for perplexity (default: MODEL_DIR/heldout.txt when present)")
+    p.add_argument(
+        "--text", type=_path("--text", Path), help="text for perplexity (default: MODEL_DIR/heldout.txt when present)"
+    )
     count(p, "--steps", 32, "teacher-forced / greedy decode steps")
     count(p, "--ppl-tokens", 4096, "text tokens scored")
     p.add_argument(
@@ -246,7 +277,12 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory", required=True, help="the memory budget, e.g. 512MB, 1.5GB, 300MiB")
     count(p, "--batch", 1)
     p.add_argument("--calibrate", action="store_true", help=HELP["calibrate"])
-    p.add_argument("--plot", metavar="FILE.png", help="draw memory against context for MHA, GQA and MLA (matplotlib)")
+    p.add_argument(
+        "--plot",
+        type=_path("--plot"),
+        metavar="FILE.png",
+        help="draw memory against context for MHA, GQA and MLA (matplotlib)",
+    )
     p.add_argument("--plot-weights", default="int8", choices=["fp32", "int8", "int4"])
     p.add_argument("--plot-cache", default="fp32", choices=CACHE_DTYPES)
 

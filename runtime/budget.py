@@ -21,7 +21,7 @@ from .memory import run_generate
 # What the exporter writes, and bytes per weight where no export exists yet to measure: int4 is MatMulNBits with
 # a float32 scale per block of 32 (0.5 + 4 / 32 bytes per weight).
 WEIGHT_PRECISIONS = {"fp32": 4.0, "int8": 1.0, "int4": 0.625}
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class BudgetError(InputError):
@@ -29,14 +29,17 @@ class BudgetError(InputError):
 
 
 def parse_memory(text: str) -> int:
-    """'512MB', '1.5GiB', '300000000' -> bytes (decimal MB/GB, binary MiB/GiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS:
+    """'512MB', '1.5GiB', '300000000B' -> bytes (decimal MB/GB, binary MiB/GiB). A bare number is refused: 512
+    meant as MB would silently be 512 bytes."""
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or (m.group(2) and m.group(2).upper() not in UNITS):
         raise BudgetError(f"memory {text!r} is not a size: write e.g. 512MB, 1.5GB or 300MiB")
-    n = float(m.group(1)) * UNITS[m.group(2).upper()]
+    n = float(m.group(1))
     if n <= 0:
         raise BudgetError(f"memory must be more than 0, got {text!r}")
-    return int(n)
+    if not m.group(2):
+        raise BudgetError(f"memory {text!r} has no unit: write {m.group(1)}MB, {m.group(1)}MiB or {m.group(1)}B")
+    return int(n * UNITS[m.group(2).upper()])
 
 
 def param_count(cfg: MLAConfig) -> int:

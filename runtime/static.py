@@ -8,6 +8,7 @@ rows at the write index, exactly as `mla_edge.contract.STATIC_WRITE_RULE` says a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -22,18 +23,37 @@ from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS, InputError
 from .manifest import Manifest, ManifestError
 
 
+def debugging() -> bool:
+    """`mla-edge --debug` (or a caller's logging config) turns on the "mla_edge" logger's DEBUG level."""
+    return logging.getLogger("mla_edge").isEnabledFor(logging.DEBUG)
+
+
 @contextlib.contextmanager
-def native_stdout_to_stderr() -> Iterator[None]:
-    """Qualcomm's libraries print a banner on the process's stdout when they load; this sends the C-level stdout to
-    stderr meanwhile, so that `--json` output stays one clean JSON object."""
+def native_chatter() -> Iterator[None]:
+    """Qualcomm's libraries print banners (`# LIBNATIVE ...`) on the process's C-level stdout and stderr when they load
+    and compile, and onnxruntime's Python tools log INFO lines: kept out of the user's terminal (and of `--json`
+    output), shown on stderr with --debug. Errors still raise as exceptions."""
+    import tempfile
+
     sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            logging.disable(logging.INFO)
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if debugging():
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode("utf-8", "replace"))
+                sys.stderr.flush()
 
 
 class CapacityError(InputError):
@@ -123,7 +143,7 @@ class StaticSession:
                 so.log_severity_level = 3
             try:  # with session options from qnn_session_options, the provider is in them
                 kw = {} if session_options is not None else {"providers": ["CPUExecutionProvider"]}
-                with native_stdout_to_stderr():
+                with native_chatter():
                     self.sessions[name] = ort.InferenceSession(str(path), so, **kw)
             except Exception as e:  # onnxruntime's own error types
                 raise ManifestError(f"onnxruntime cannot load {path.name}: {e}") from None
@@ -220,7 +240,7 @@ def qnn_session_options(backend: str = "htp", options: dict | None = None) -> or
     except ImportError:
         raise ManifestError("--provider qnn needs onnxruntime-qnn: pip install 'mla-edge[qnn]'") from None
     if "QNNExecutionProvider" not in {d.ep_name for d in ort.get_ep_devices()}:
-        with native_stdout_to_stderr():
+        with native_chatter():
             ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
     devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
     if not devices:

@@ -75,6 +75,8 @@ def world(tmp_path_factory, text_export):
     (root / "thesis").mkdir()
     (root / "thesis" / "chapter1.tex").write_text("my thesis")
     (root / "afile").write_text("a file")
+    (root / "empty.txt").write_text("\n  \n")
+    (root / "binary.txt").write_bytes(b"text then \xff\xfe")
     return w
 
 
@@ -200,6 +202,21 @@ CLI = [
     ("parity-steps0", ["parity", "{out}", "--steps", "0"], "--steps"),
     ("parity-ppl0", ["parity", "{out}", "--ppl-tokens", "0"], "--ppl-tokens"),
     ("parity-text", ["parity", "{out}", "--text", "{root}/nope.txt"], "not found"),
+    ("parity-text-empty", ["parity", "{out}", "--text", "{root}/empty.txt"], "empty.txt is empty"),
+    ("parity-text-binary", ["parity", "{out}", "--text", "{root}/binary.txt"], "not UTF-8"),
+    ("export-empty-out", ["export", "{hf}", "-o", ""], "-o/--out is empty"),
+    ("convert-empty-out", ["convert", "{llama}", "-o", " ", "--calibration-text", "{root}/afile"], "-o/--out is empty"),
+    (
+        "export-genai-int4-unmade",
+        ["export", "{hf}", "-o", "{root}/g4", "--format", "genai", "--genai-precision", "int4"],
+        "add --quantize int4",
+    ),
+    (
+        "export-genai-int4-existing",
+        ["export", "-o", "{out}", "--format", "genai", "--genai-precision", "int4"],
+        "again with that precision",
+    ),
+    ("parity-qnn-dynamic", ["parity", "{out}", "--provider", "qnn"], "--provider qnn needs --static"),
     ("parity-precision", ["parity", "{out}", "--precision", "int3"], "--precision"),
     ("parity-static", ["parity", "{out}", "--static"], "has no static protocol"),
     ("parity-model", ["parity", "{root}/nope", "{out}"], "no config.json"),
@@ -220,8 +237,11 @@ CLI = [
     ("bench-vs-missing", ["bench", "{out}", "--vs", "llama.cpp={root}/nope.gguf"], "nope.gguf not found"),
     ("bench-vs-notgenai", ["bench", "{out}", "--vs", "genai={out}"], "no genai_config.json"),
     ("budget-banana", ["budget", "--memory", "banana"], "not a size"),
-    ("budget-zero", ["budget", "--memory", "0"], "more than 0"),
-    ("budget-neg", ["budget", "--memory=-5MB"], "not a size"),
+    ("budget-zero", ["budget", "--memory", "0MB"], "more than 0"),
+    ("budget-neg", ["budget", "--memory=-5MB"], "more than 0"),
+    ("budget-neg-spaced", ["budget", "--memory", "-5MB"], "more than 0"),
+    ("budget-bare-number", ["budget", "--memory", "512"], "no unit"),
+    ("gen-memlimit-neg", ["generate", "{out}", "hi", "--memory-limit", "-1GB"], "more than 0"),
     ("budget-unit", ["budget", "--memory", "5 parsecs"], "not a size"),
     ("budget-tiny", ["budget", "--memory", "1KB"], "cannot even hold"),
     ("budget-missing", ["budget", "{root}/nope", "--memory", "1GB"], "no config.json"),
@@ -496,7 +516,8 @@ def test_base_install_without_torch_says_which_extra(world):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp_path):
+@pytest.mark.parametrize("sig,code,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_export_is_one_line_and_leaves_nothing(world, tmp_path, sig, code, word):
     import signal
     import subprocess
     import sys
@@ -513,9 +534,10 @@ def test_ctrl_c_during_export_is_one_line_exit_130_and_leaves_nothing(world, tmp
     while not list(tmp_path.glob(".interrupted.tmp*")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)  # wait until the export has started writing
     time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
+    assert list(tmp_path.glob(".interrupted.tmp*")), "the export never started writing"
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and err.strip() == "mla-edge export: interrupted", (p.returncode, err[-2000:])
+    assert p.returncode == code and err.strip() == f"mla-edge export: {word}", (p.returncode, err[-2000:])
     assert not out.exists() and not list(tmp_path.glob(".interrupted*"))
 
 
@@ -538,3 +560,21 @@ def test_a_full_disk_is_one_line_and_replaces_nothing(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no space left on the device writing" in err[0]
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_chat_on_the_demo_says_it_is_a_story_model(world, monkeypatch, capsys):
+    """`mla-edge chat` with no folder runs on the demo export, which has no chat format: one line that says what to
+    chat with instead (a folder that was named keeps the plain 'no chat_template' line)."""
+    from mla_edge import cli
+
+    assert (
+        not (world["out"] / "tokenizer_config.json").is_file()
+        or "chat_template" not in (world["out"] / "tokenizer_config.json").read_text()
+    )
+    monkeypatch.setattr(cli, "export_dir_or_demo", lambda given: Path(given) if given else world["out"])
+    assert cli.main(["chat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "story model with no chat format" in err[0] and "--model smollm2" in err[0], err
+    assert cli.main(["chat", str(world["out"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chat_template" in err[0] or "chat template" in err[0], err

@@ -8,14 +8,21 @@ from mla_edge.runtime.budget import BudgetError, param_count, parse_memory, plan
 
 
 @pytest.mark.parametrize(
-    "text,bytes_", [("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("300mib", 300 * 2**20), ("1000", 1000)]
+    "text,bytes_", [("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("300mib", 300 * 2**20), ("1000B", 1000)]
 )
 def test_parse_memory(text, bytes_):
     assert parse_memory(text) == bytes_
 
 
 @pytest.mark.parametrize(
-    "text,match", [("0", "more than 0"), ("banana", "not a size"), ("-5MB", "not a size"), ("12 parsecs", "not a size")]
+    "text,match",
+    [
+        ("0", "more than 0"),
+        ("banana", "not a size"),
+        ("-5MB", "more than 0"),
+        ("12 parsecs", "not a size"),
+        ("512", "no unit: write 512MB, 512MiB or 512B"),
+    ],
 )
 def test_bad_memory(text, match):
     with pytest.raises(BudgetError, match=match):

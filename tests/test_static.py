@@ -1,6 +1,8 @@
 """The static device protocol: fixed shapes, the write rule, same tokens as the dynamic graph, and Qualcomm's HTP."""
 
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +21,11 @@ from mla_edge.runtime.manifest import ManifestError
 from mla_edge.runtime.static import CapacityError, StaticSession, static_bias
 
 CAP, CHUNK = 200, 8
+# MLA_EDGE_TEST_NO_QNN=1 runs this file as a machine without onnxruntime-qnn would (checks what still runs there)
+HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None and not os.environ.get("MLA_EDGE_TEST_NO_QNN")
+needs_qnn = pytest.mark.skipif(
+    not HAVE_QNN, reason="onnxruntime-qnn has wheels for Linux x86_64 / Python 3.11 only (the HTP simulator)"
+)
 BANNED = {"Shape", "Range", "Cos", "Sin", "Where", "And", "LessOrEqual", "Expand", "ConstantOfShape", "NonZero"}
 
 
@@ -115,7 +122,8 @@ HTP = (
 
 @pytest.fixture(scope="module")
 def demo_static(tmp_path_factory):
-    pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn has wheels for Linux x86_64 / Python 3.11 only")
+    """The demo's static export: fp32 + w8a16 graphs, phone files and tokenizer graphs. QNN context binaries only where
+    onnxruntime-qnn is installed; only the HTP tests need it (they skip without it, the others run)."""
     out = tmp_path_factory.mktemp("demo-static") / "out"
     opts = ExportOptions(
         quantize=(),
@@ -123,7 +131,7 @@ def demo_static(tmp_path_factory):
         ort_format=False,
         static_cache=256,
         static_quantize=("w8a16",),
-        qnn_context="sm8650",
+        qnn_context="sm8650" if HAVE_QNN else None,
         calibration_text=DEMO_DIR / "calibration.txt",
     )
     export_folder(DEMO_DIR, out, opts)
@@ -140,6 +148,7 @@ def htp_vs_cpu(out, precision: str, steps: int) -> dict:
 
 
 @pytest.mark.slow
+@needs_qnn
 def test_demo_fp32_static_graphs_run_whole_on_qualcomm_htp(demo_static):
     """Both static graphs of the demo model load on the HTP backend (simulated here) with CPU fallback disabled, so
     every node runs on the NPU, and their logits stay within fp16 rounding of the same graphs on ORT's CPU.
@@ -150,6 +159,7 @@ def test_demo_fp32_static_graphs_run_whole_on_qualcomm_htp(demo_static):
 
 
 @pytest.mark.slow
+@needs_qnn
 def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
     """The w8a16 QDQ graphs (onnxruntime's QNN tooling) on HTP against the very same graphs on ORT's CPU, 64 steps:
     only a wrong HTP kernel can make them differ by much (the prototype's Sqrt->Reciprocal bug: a constant factor).
@@ -160,6 +170,7 @@ def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
 
 
 @pytest.mark.slow
+@needs_qnn
 def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(demo_static):
     man = json.loads((demo_static / MANIFEST).read_text())["static"]
     for precision in ("fp32", "w8a16"):
@@ -182,6 +193,7 @@ def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(
 
 
 @pytest.mark.slow
+@needs_qnn
 def test_qnn_bad_input(demo_static, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown Snapdragon SoC 'sm9999' \\(choose from sm8450"):
         export_folder(
@@ -288,3 +300,25 @@ def test_android_golden_trace_matches_the_demo_model(demo_static):
     assert gen.encode(trace["prompt"]) == trace["prompt_ids"]
     got = gen.generate_ids([trace["prompt_ids"]], max_new_tokens=len(trace["greedy_ids"]), eos=False)[0].token_ids
     assert got == trace["greedy_ids"]
+
+
+@needs_qnn
+def test_qualcomm_banners_stay_off_the_terminal_unless_debugging(static_export):
+    """The HTP library prints `# LIBNATIVE` lines on the C-level streams when a session is built: the user sees none,
+    `--debug` (the "mla_edge" logger at DEBUG) shows them on stderr, and stdout stays clean either way."""
+    code = (
+        "import logging, sys\n"
+        "from mla_edge.runtime.static import StaticSession\n"
+        "if sys.argv[2] == 'debug': logging.getLogger('mla_edge').setLevel(logging.DEBUG)\n"
+        "s = StaticSession(sys.argv[1], 'fp32', 'qnn')\n"
+        "print('LOADED', s.capacity)\n"
+    )
+    runs = {}
+    for mode in ("quiet", "debug"):
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(static_export[1]), mode], capture_output=True, text=True, timeout=600
+        )
+        assert r.stdout.strip() == f"LOADED {CAP}", (r.stdout[-2000:], r.stderr[-2000:])
+        runs[mode] = r.stderr
+    assert runs["quiet"].strip() == "", runs["quiet"][-2000:]
+    assert "LIBNATIVE" in runs["debug"], runs["debug"][-2000:]
