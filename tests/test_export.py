@@ -255,6 +255,31 @@ def test_int8_latent_cache_export(exported, tmp_path):
     assert Generator(out, "fp32").generate_ids([prompt], max_new_tokens=20, eos=False)[0].token_ids == greedy(
         model, prompt, 20
     )
+    # The quantizer itself, against the latent it is given (PyTorch and ONNX share the quantizer, so comparing them
+    # cannot see it round wrongly): scale = max|x| / 127 per token, codes = round(x / scale), |error| <= scale / 2.
+    from mla_edge.models.mla import quantize_per_token
+
+    given: dict[tuple[int, str], np.ndarray] = {}
+
+    def recording(x, layer, kind):
+        given[(layer, kind)] = x.detach().numpy().copy()
+        return quantize_per_token(x, layer, kind)
+
+    rec = load_model(hf_dir, ModelOptions(cache_dtype="int8", cache_quantizer=recording))
+    ids = np.asarray([prompt])
+    with torch.no_grad():
+        rec(torch.from_numpy(ids))
+    _, present = sess.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], sess.empty_cache(1))
+    assert len(given) == 2 * rec.cfg.num_hidden_layers
+    for (layer, kind), x in given.items():
+        codes, scale = present[f"past.{layer}.{kind}"], present[f"past.{layer}.{kind}_scale"]
+        assert codes.dtype == np.int8 and scale.shape == x.shape[:-1] + (1,)
+        np.testing.assert_allclose(scale, np.abs(x).max(-1, keepdims=True) / 127, rtol=1e-5)
+        exact = x / scale
+        assert np.abs(codes - exact).max() <= 0.5 + 1e-3, (layer, kind, float(np.abs(codes - exact).max()))
+        off = codes != np.round(exact)  # only where x / scale sits on a .5 edge (fp32 arithmetic may differ)
+        assert np.all(np.abs(np.abs(exact[off] - np.trunc(exact[off])) - 0.5) < 1e-3), (layer, kind)
+        assert np.all(np.abs(codes * scale - x) <= scale / 2 * (1 + 1e-3))
 
 
 def test_fp16_cache_is_the_default_matches_pytorch_and_halves_the_bytes(exported, tmp_path):

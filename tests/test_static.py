@@ -85,6 +85,30 @@ def test_static_session_matches_dynamic_logits(static_export):
     assert np.abs(s.prefill(ids[0].tolist()) - want[0, -1]).max() <= 1e-4
 
 
+def test_static_fills_its_buffer_to_the_last_slot_exactly_as_the_dynamic_graph(static_export):
+    """Every slot, the last included: a prompt in prefill chunks (score: all its logits), then one decode per token
+    until the buffer holds CAP tokens, each step's logits against the dynamic graph's on the same CAP tokens; then the
+    next token is refused. Positions or the write index off by one anywhere (near capacity too) fail here."""
+    _, out = static_export
+    s, d = StaticSession(out, provider="cpu"), Generator(out, "fp32", provider="cpu").session
+    ids = np.random.default_rng(9).integers(3, 97, CAP).tolist()
+    x = np.asarray(ids)[None]
+    want, _ = d.step(x, np.ones_like(x), np.arange(CAP)[None], d.empty_cache(1), logits_to_keep=0)
+    P = 3 * CHUNK + 5  # crosses chunk boundaries, ends mid-chunk
+    got = [s.score(ids[:P])] + [s.decode(t)[None] for t in ids[P:]]
+    got = np.concatenate(got)
+    assert s.length == CAP and got.shape == want[0].shape
+    err = np.abs(got - want[0]).max(axis=-1)
+    assert err.max() <= 1e-4, (int(err.argmax()), float(err.max()))
+    with pytest.raises(CapacityError, match="is full"):
+        s.decode(ids[0])
+    # the generator stops at the last slot, with the dynamic graph's tokens
+    gen = Generator(out, "fp32", provider="cpu", protocol="static")
+    r = gen.generate_ids([ids[:21]], max_new_tokens=CAP, eos=False)[0]
+    want_ids = Generator(out, "fp32", provider="cpu").generate_ids([ids[:21]], max_new_tokens=CAP - 21, eos=False)[0]
+    assert r.finish_reason == "length" and 21 + len(r.token_ids) == CAP and r.token_ids == want_ids.token_ids
+
+
 def test_static_bad_input(static_export, tmp_path, capsys):
     hf, out = static_export
     s = StaticSession(out, provider="cpu")
