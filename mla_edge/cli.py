@@ -485,7 +485,7 @@ def cmd_bench_worker(a: argparse.Namespace) -> int:
 
 
 def cmd_budget(a: argparse.Namespace) -> int:
-    from mla_edge.runtime.budget import calibrate, format_plan, parse_memory, plan, plot
+    from mla_edge.runtime.budget import calibrate, format_plan, load_calibration, parse_memory, plan, plot
 
     memory = parse_memory(a.memory)
     folder = model_dir_or_demo(a.folder)
@@ -500,6 +500,8 @@ def cmd_budget(a: argparse.Namespace) -> int:
         if not (folder / MANIFEST).is_file():
             raise UserError(f"--calibrate needs an export folder (with {MANIFEST}); {folder} is not one")
         cal = calibrate(folder)
+    elif (folder / MANIFEST).is_file():  # an earlier --calibrate of this very export on this machine
+        cal = load_calibration(folder)
     p = plan(folder, memory, a.batch, cal)
     if a.plot:
         p["plot"] = str(plot(p, folder, a.plot, a.plot_weights, a.plot_cache))

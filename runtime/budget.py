@@ -7,7 +7,11 @@ per_token x context is *measured*: `calibrate` runs `mla-edge generate` at sever
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,38 +91,58 @@ def cache_per_token(cfg: MLAConfig, cache: str) -> dict[str, int]:
     return {form: cmp[form]["bytes_per_token"] for form in ("mla", "gqa", "mha")}
 
 
+def predict_rss(weights_bytes: int, cache_bytes_per_token: int, context: int, batch: int, calibration: dict) -> float:
+    """The planner's one formula: weights + the runtime's base + per sequence of the batch, its cache and its prefill
+    scratch per token of context."""
+    return (
+        weights_bytes
+        + calibration["base_bytes"]
+        + batch * context * (cache_bytes_per_token + calibration["per_token_bytes"])
+    )
+
+
+def max_context(memory: int, weights_bytes: int, cache_bytes_per_token: int, batch: int, calibration: dict) -> int:
+    """The largest context whose predicted RSS fits `memory` (predict_rss inverted; it is linear in the context)."""
+    at0 = predict_rss(weights_bytes, cache_bytes_per_token, 0, batch, calibration)
+    per_token = predict_rss(weights_bytes, cache_bytes_per_token, 1, batch, calibration) - at0
+    return int((memory - at0) // per_token) if memory > at0 else 0
+
+
 def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | None = None) -> dict:
+    """Every (weights, cache dtype, attention form): the largest context that fits. Without a measured calibration
+    the runtime's overhead is borrowed from the demo model's, and each answer is also given as a range: from the
+    borrowed overhead per token (low) to none at all (high, the weights, the base and the cache alone)."""
     if batch < 1:
         raise BudgetError(f"batch must be >= 1, got {batch}")
     facts = model_facts(folder)
     cfg = facts["config"]
     cal = calibration or {**DEFAULT_CALIBRATION, "borrowed": True}
-    base, per_tok = cal["base_bytes"], cal["per_token_bytes"]
+    no_scratch = {**cal, "per_token_bytes": 0.0}
     rows = []
     for w, wbytes in facts["weights"].items():
         for c in CACHE_DTYPES:
             for form, cbytes in cache_per_token(cfg, c).items():
-                free = memory - wbytes - base
-                # every sequence of the batch has its own cache and its own prefill scratch
-                ctx = int(free // (batch * (cbytes + per_tok))) if free > 0 else 0
-                rows.append(
-                    {
-                        "attention": form,
-                        "weights": w,
-                        "cache": c,
-                        "weights_bytes": wbytes,
-                        "cache_bytes_per_token": cbytes,
-                        "max_context": ctx,
-                        "max_context_capped": min(ctx, cfg.max_position_embeddings),
-                        "fits": ctx > 0,
-                    }
-                )
-    smallest = min(facts["weights"].values()) + base
+                ctx = max_context(memory, wbytes, cbytes, batch, cal)
+                row = {
+                    "attention": form,
+                    "weights": w,
+                    "cache": c,
+                    "weights_bytes": wbytes,
+                    "cache_bytes_per_token": cbytes,
+                    "max_context": ctx,
+                    "max_context_capped": min(ctx, cfg.max_position_embeddings),
+                    "fits": ctx > 0,
+                }
+                if cal.get("borrowed"):
+                    row["max_context_range"] = [ctx, max_context(memory, wbytes, cbytes, batch, no_scratch)]
+                rows.append(row)
+    smallest = min(facts["weights"].values()) + cal["base_bytes"]
     if memory < smallest:
         raise BudgetError(
             f"a budget of {memory / 2**20:.1f} MiB cannot even hold the smallest weights plus the runtime "
             f"({smallest / 2**20:.1f} MiB: {min(facts['weights'].values()) / 2**20:.1f} MiB weights + "
-            f"{base / 2**20:.1f} MiB measured runtime overhead)"
+            f"{cal['base_bytes'] / 2**20:.1f} MiB {'borrowed' if cal.get('borrowed') else 'measured'} runtime "
+            "overhead)"
         )
     return {
         "memory_bytes": memory,
@@ -129,15 +153,6 @@ def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | No
         "calibration": cal,
         "rows": rows,
     }
-
-
-def predict_rss(weights_bytes: int, cache_bytes_per_token: int, context: int, batch: int, calibration: dict) -> float:
-    """Weights + the runtime's base + per sequence of the batch: its cache and its prefill scratch per token."""
-    return (
-        weights_bytes
-        + calibration["base_bytes"]
-        + batch * context * (cache_bytes_per_token + calibration["per_token_bytes"])
-    )
 
 
 def measure_generate(out_dir: Path, precision: str, context: int, new_tokens: int = 8) -> dict:
@@ -164,6 +179,8 @@ def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1
     """Fit overhead(context) = base + per_token x context by least squares on real runs."""
     out_dir = Path(out_dir)
     man = Manifest.read(out_dir)
+    if precision not in man.data["files"]:
+        precision = "int8" if "int8" in man.data["files"] else "fp32"
     weights = man.data["files"][precision]["bytes"]
     points = []
     for ctx in contexts:
@@ -176,7 +193,7 @@ def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1
     sxx = sum((p["context"] - mx) ** 2 for p in points)
     slope = sum((p["context"] - mx) * (p["overhead_bytes"] - my) for p in points) / sxx if sxx else 0.0
     slope = max(slope, 0.0)
-    return {
+    cal = {
         "base_bytes": int(my - slope * mx),
         "per_token_bytes": slope,
         "precision": precision,
@@ -184,7 +201,52 @@ def calibrate(out_dir: str | Path, precision: str = "int8", contexts=(64, 512, 1
         "contexts": [p["context"] for p in points],
         "prefill_chunk": PREFILL_CHUNK,
         "points": points,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **_calibration_key(out_dir),
     }
+    _save_calibration(out_dir, cal)
+    return cal
+
+
+CALIBRATION_FILE = ".mla-edge-budget.json"  # beside the export's manifest; `budget OUT_DIR` reuses it
+
+
+def _calibration_key(out_dir: Path) -> dict:
+    """What a calibration belongs to: this very manifest (a re-export invalidates it) on this kind of machine."""
+    import hashlib
+    import platform
+
+    import onnxruntime
+
+    return {
+        "manifest_sha256": hashlib.sha256((out_dir / MANIFEST).read_bytes()).hexdigest(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}",
+    }
+
+
+def _save_calibration(out_dir: Path, cal: dict) -> None:
+    tmp = out_dir / f".{CALIBRATION_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(cal, indent=2))
+        os.replace(tmp, out_dir / CALIBRATION_FILE)
+    except OSError as e:  # a read-only export: the answer stands, only the cache is lost
+        tmp.unlink(missing_ok=True)
+        warnings.warn(
+            f"could not keep the calibration in {out_dir} ({e.strerror}); --calibrate measures again next time",
+            stacklevel=2,
+        )
+
+
+def load_calibration(out_dir: str | Path) -> dict | None:
+    """The calibration `budget --calibrate` kept beside this export, if it still belongs to it and to this machine."""
+    path = Path(out_dir) / CALIBRATION_FILE
+    try:
+        cal = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cal, dict) or not all(k in cal for k in ("base_bytes", "per_token_bytes", "manifest_sha256")):
+        return None
+    return cal if {k: cal.get(k) for k in ("manifest_sha256", "machine")} == _calibration_key(Path(out_dir)) else None
 
 
 # Measured by `calibrate` on this project's 2-core x86_64 machine: the demo model, int8, prefill chunks of 64
@@ -206,7 +268,7 @@ def format_plan(p: dict) -> str:
         f"BORROWED from a measurement of {cal['export']} on a 2-core x86_64 machine; measure yours with "
         "`mla-edge budget OUT_DIR --calibrate`"
         if cal.get("borrowed")
-        else f"measured on {cal['export']}"
+        else f"measured on {cal['export']}" + (f" ({cal['measured_at']}; {cal['machine']})" if "machine" in cal else "")
     )
     lines = [
         f"budget {p['memory_bytes'] / 2**20:,.1f} MiB, batch {p['batch']} ({p['model_type']}; weights from "
@@ -215,11 +277,22 @@ def format_plan(p: dict) -> str:
         f"{origin}",
         f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}",
     ]
-    by: dict[tuple[str, str], dict[str, int]] = {}
+    by: dict[tuple[str, str], dict[str, str]] = {}
     for r in p["rows"]:
-        by.setdefault((r["weights"], r["cache"]), {})[r["attention"]] = r["max_context"]
+        lo_hi = r.get("max_context_range")
+        cell = f"{lo_hi[0]:,d}-{lo_hi[1]:,d}" if lo_hi else f"{r['max_context']:,d}"
+        by.setdefault((r["weights"], r["cache"]), {})[r["attention"]] = cell
+    width = max(14, *(len(v) for d in by.values() for v in d.values()))
+    lines[-1] = f"  {'weights':8s} {'cache':6s} " + " ".join(
+        f"{h:>{width}s}" for h in ("MLA max ctx", "GQA max ctx", "MHA max ctx")
+    )
     for (w, c), ctx in by.items():
-        lines.append(f"  {w:8s} {c:6s} " + " ".join(f"{ctx[f]:>14,d}" for f in ("mla", "gqa", "mha")))
+        lines.append(f"  {w:8s} {c:6s} " + " ".join(f"{ctx[f]:>{width}s}" for f in ("mla", "gqa", "mha")))
+    if cal.get("borrowed"):
+        lines.append(
+            "  (ranges: the borrowed overhead per token .. none at all; `--calibrate` measures this export and "
+            "gives one number)"
+        )
     lines.append(
         f"  (contexts past the model's max_position_embeddings = {p['max_position_embeddings']:,} "
         "would need RoPE scaling)"
@@ -260,7 +333,8 @@ def plot(
     )
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("predicted RSS (MiB)")
-    ax.set_title(f"{cfg.model_type}: {weights} weights, batch {p['batch']}, measured runtime overhead")
+    origin = "BORROWED (demo model's) runtime overhead" if cal.get("borrowed") else "measured runtime overhead"
+    ax.set_title(f"{cfg.model_type}: {weights} weights, batch {p['batch']}, {origin}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
