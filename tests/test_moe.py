@@ -275,3 +275,77 @@ def test_real_size_configs_have_the_published_parameter_counts():
     full = extrapolate(run(1), run(3), 27)
     assert full["precisions"]["int8"] == run(27)["precisions"]["int8"]
     assert full["export_peak_rss_bytes"] == run(27)["export_peak_rss_bytes"]
+
+
+def _unpack(codes: np.ndarray, scale: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """QMoE's raw layout read with numpy, independently of the writer: uint8 codes offset by 2^(bits-1); int4 two per
+    byte, the low nibble first; one scale per row, or per block of `block` along K."""
+    if bits == 4:
+        q = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+    else:
+        q = codes
+    q = q.astype(np.float32) - (1 << (bits - 1))
+    per = np.repeat(scale, block, axis=-1) if block else scale[..., None]
+    return q * per
+
+
+@pytest.mark.parametrize("bits,block", [(4, 0), (4, 32), (8, 0)])
+def test_qmoe_expert_codes_are_what_numpy_and_onnxruntime_read(bits, block):
+    """The packed experts, dequantized by numpy, are the weights to within half a step (a swapped nibble order or a
+    wrong offset is off by whole steps), and onnxruntime's QMoE on the codes equals its fp32 MoE on numpy's
+    dequantized weights (so numpy's reading is onnxruntime's)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mla_edge.export.quantize import quantize_rows
+
+    E, C, inner, N, k = 4, 64, 32, 6, 2
+    rng = np.random.default_rng(bits + block)
+    fc1 = rng.normal(0, 0.2, (E, 2 * inner, C)).astype(np.float32)
+    fc2 = rng.normal(0, 0.2, (E, C, inner)).astype(np.float32)
+    packed = {}
+    for name, w in (("fc1", fc1), ("fc2", fc2)):
+        codes, scale = quantize_rows(w, bits, block)
+        deq = _unpack(codes, scale, bits, block)
+        step = np.repeat(scale, block, axis=-1) if block else scale[..., None]
+        assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-5)), (name, float((np.abs(deq - w) / step).max()))
+        packed[name] = (codes, scale, deq)
+
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+    attrs["normalize_routing_weights"] = 0
+
+    def run(op: str, inits: list, inputs: list[str], extra: dict) -> np.ndarray:
+        node = helper.make_node(op, ["x", "r", *inputs], ["y"], domain="com.microsoft", **attrs, **extra)
+        graph = helper.make_graph(
+            [node],
+            "moe",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, C]),
+                helper.make_tensor_value_info("r", TensorProto.FLOAT, [N, E]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N, C])],
+            inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x, "r": r})[0]
+
+    x = rng.normal(0, 1, (N, C)).astype(np.float32)
+    # the exporter's routing input: log of the final mixing weights, k of them non-zero per token (models/mla.py MoE;
+    # the op's softmax over it gives them back normalised, which QMoE's CPU kernel does whatever its attribute says)
+    mix = np.zeros((N, E), np.float32)
+    for n in range(N):
+        mix[n, rng.choice(E, k, replace=False)] = rng.uniform(0.1, 1.0, k)
+    with np.errstate(divide="ignore"):
+        r = np.log(mix)
+    (c1, s1, d1), (c2, s2, d2) = packed["fc1"], packed["fc2"]
+    quantized = run(
+        "QMoE",
+        [numpy_helper.from_array(a, n) for a, n in ((c1, "w1"), (s1, "s1"), (c2, "w2"), (s2, "s2"))],
+        ["w1", "s1", "", "w2", "s2"],
+        dict(expert_weight_bits=bits, weights_prepacked=0, **({"block_size": block} if block else {})),
+    )
+    reference = run("MoE", [numpy_helper.from_array(d1, "w1"), numpy_helper.from_array(d2, "w2")], ["w1", "", "w2"], {})
+    assert np.abs(quantized - reference).max() <= 1e-4 * max(1.0, float(np.abs(reference).max()))
