@@ -88,6 +88,84 @@ def test_gguf_bad_input_is_one_line(demo_gguf, capsys, tmp_path):
     assert "model.genai.onnx already exists; pass --force" in capsys.readouterr().err
 
 
+def _expected_deepseek2_fields(c: dict) -> dict:
+    """What llama.cpp's deepseek2 loader reads, worked out from a raw config.json (transformers' key names), without
+    the writer's code: every `deepseek2.*` field the GGUF must have, and no other."""
+    L, R, dr = c["num_hidden_layers"], c["kv_lora_rank"], c["qk_rope_head_dim"]
+    moe = bool(c.get("n_routed_experts")) and c.get("first_k_dense_replace", 0) < L  # else every layer is dense
+    v3 = c["model_type"] == "deepseek_v3"  # its class defaults: sigmoid scores, noaux_tc groups
+    rope = c["rope_parameters"]
+    f = {
+        "block_count": L,
+        "context_length": c["max_position_embeddings"],
+        "embedding_length": c["hidden_size"],
+        "feed_forward_length": c["intermediate_size"],
+        "attention.head_count": c["num_attention_heads"],
+        "attention.head_count_kv": 1,  # MLA as one latent "KV head"
+        "rope.freq_base": rope["rope_theta"],
+        "attention.layer_norm_rms_epsilon": c["rms_norm_eps"],
+        "vocab_size": c["vocab_size"],
+        "leading_dense_block_count": c["first_k_dense_replace"] if moe else L,
+        "attention.q_lora_rank": c.get("q_lora_rank") or 0,
+        "attention.kv_lora_rank": R,
+        "attention.key_length": R + dr,
+        "attention.value_length": R,
+        "attention.key_length_mla": c["qk_nope_head_dim"] + dr,
+        "attention.value_length_mla": c["v_head_dim"],
+        "rope.dimension_count": dr,
+        "expert_feed_forward_length": c["moe_intermediate_size"] if moe else c["intermediate_size"],
+        "expert_shared_count": c.get("n_shared_experts") or 0 if moe else 0,
+    }
+    if moe:
+        sigmoid = c.get("scoring_func", "sigmoid" if v3 else "softmax") == "sigmoid"
+        f.update(
+            {
+                "expert_count": c["n_routed_experts"],
+                "expert_used_count": c["num_experts_per_tok"],
+                "expert_weights_scale": c["routed_scaling_factor"],
+                "expert_weights_norm": sigmoid and bool(c["norm_topk_prob"]),
+                "expert_gating_func": 2 if sigmoid else 1,  # llama.cpp: 1 softmax, 2 sigmoid
+            }
+        )
+        method = c.get("topk_method", "noaux_tc" if v3 else "greedy")
+        if method == "noaux_tc" and c["n_group"] > 1:
+            f.update({"expert_group_count": c["n_group"], "expert_group_used_count": c["topk_group"]})
+    if rope.get("rope_type") == "yarn":
+        f.update(
+            {
+                "rope.scaling.type": "yarn",
+                "rope.scaling.factor": rope["factor"],
+                "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+                "rope.scaling.yarn_log_multiplier": 0.1 * rope["mscale_all_dim"],
+                "rope.scaling.yarn_beta_fast": rope["beta_fast"],
+                "rope.scaling.yarn_beta_slow": rope["beta_slow"],
+            }
+        )
+    return {"deepseek2." + k: v for k, v in f.items()}
+
+
+@pytest.mark.parametrize("case", ["demo", "v3-noaux-tc-shared", "v2-greedy-shared", "yarn"])
+def test_every_gguf_metadata_field_is_the_config_s(tmp_path, case):
+    """Every `deepseek2.*` field, for a dense, two MoE and a YaRN model, against the config.json (a field that is
+    wrong, missing or extra fails: e.g. rope.freq_base x 10), plus the architecture and the tokenizer's ids."""
+    import gguf
+
+    from mla_edge.export.gguf_file import write_gguf
+
+    folder = DEMO_DIR if case == "demo" else _real_shape_checkpoint(tmp_path / "m", case)
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    f = {x.name: x.contents() for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.values()}
+    c = json.loads((folder / "config.json").read_text())
+    want = _expected_deepseek2_fields(c)
+    got = {k: v for k, v in f.items() if k.startswith("deepseek2.")}
+    assert set(got) == set(want), (sorted(set(got) - set(want)), sorted(set(want) - set(got)))
+    for k, v in want.items():
+        assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (k, got[k], v)
+    assert f["general.architecture"] == "deepseek2" and f["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
+    eos = c["eos_token_id"][0] if isinstance(c["eos_token_id"], list) else c["eos_token_id"]
+    assert (f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")) == (c["bos_token_id"], eos)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_greedy_tokens_equal_our_fp32_onnx(demo_gguf):
     """llama.cpp (f32 weights, f32 cache, flash attention off) and our fp32 ONNX: 3 prompts x 64 greedy tokens."""
