@@ -78,15 +78,19 @@ def example_inputs(cfg, batch: int = 2, seq: int = 3, past: int = 4, cache_dtype
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence torch.onnx's and onnxruntime.quantization's chatter (their errors still raise)."""
+    import onnxruntime as ort
+
     loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "onnxruntime", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)  # the sessions onnxruntime.quantization builds inside (calibration)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 

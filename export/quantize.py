@@ -375,7 +375,9 @@ def calibration_feeds(
     need = prefill + decode
     if len(ids) < need:
         raise InputError(f"calibration text is too short: {len(ids)} tokens, need at least {need}")
-    sess = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # no warnings about the graph's optional inputs on the user's terminal
+    sess = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
     starts = np.linspace(0, len(ids) - need, num=windows).astype(int)
     feeds = []
     for s in starts:

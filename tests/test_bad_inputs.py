@@ -578,3 +578,16 @@ def test_chat_on_the_demo_says_it_is_a_story_model(world, monkeypatch, capsys):
     assert cli.main(["chat", str(world["out"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "chat_template" in err[0] or "chat template" in err[0], err
+
+
+def test_a_calibrated_export_prints_no_onnxruntime_warnings(world, tmp_path, capfd):
+    """onnxruntime's C++ warnings (e.g. graph.cc's 'Initializer logits_to_keep appears in graph inputs', from the
+    sessions that calibration builds) reach the terminal at fd level; an export prints none of them."""
+    from mla_edge.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the old house stood at the end of the lane and the rain came down " * 40)
+    argv = ["export", str(world["hf"]), "-o", str(tmp_path / "o"), "--quantize", "int8-qdq"]
+    assert main([*argv, "--calibration-text", str(text)]) == 0
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "[W:" not in err, err[-2000:]
