@@ -39,7 +39,7 @@ from mla_edge.contract import (
 )
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTemplate, eos_ids
-from mla_edge.runtime.manifest import file_entry, ort_target
+from mla_edge.runtime.manifest import check_written, file_entry, ort_target
 
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
 BLOCK_PRECISIONS = {"int4": (4, 0), "w8a32": (8, 0), "int8-block": (8, 4)}  # MatMulNBits: bits, accuracy_level
@@ -432,6 +432,7 @@ def _build(
             manifest["static"] = static
         if smoothing:
             manifest["smoothing"] = smoothing
+        check_written(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         bar.update(1)
     return manifest

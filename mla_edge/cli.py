@@ -195,7 +195,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             from mla_edge.export.genai_folder import write_genai
 
             write_genai(out, a.genai_precision, a.force)
-            entry = json.loads((out / MANIFEST).read_text())["genai"][a.genai_precision]
+            entry = Manifest.read(out).data["genai"][a.genai_precision]
         if a.json:
             _print_json(entry)
         else:

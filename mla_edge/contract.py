@@ -102,7 +102,6 @@ STATIC_WRITE_RULE = (
 MANIFEST = "mla_edge.json"
 FORMAT = "mla-edge-export"
 FORMAT_VERSION = 2
-MANIFEST_KEYS = ("model", "cache", "tokens", "files", "graph")
 MODEL_FILE = {p: "model.onnx" if p == "fp32" else f"model.{p}.onnx" for p in PRECISIONS}
 
 

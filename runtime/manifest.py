@@ -21,9 +21,9 @@ from mla_edge.contract import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    MANIFEST_KEYS,
     InputError,
 )
+from mla_edge.manifest_schema import problems
 from mla_edge.models import DEMO_DIR
 
 ORT_OPTIMIZATION = "all"  # the level .ort companions are written at
@@ -116,28 +116,10 @@ class Manifest:
                 f"{path}: format_version {data.get('format_version')!r} is not supported (this runtime "
                 f"reads {FORMAT_VERSION}): export the model again with this version of mla-edge"
             )
-        for key in MANIFEST_KEYS:
-            if key not in data:
-                raise ManifestError(f"{path}: field {key!r} is missing")
-            if not isinstance(data[key], dict):
-                raise ManifestError(f"{path}: field {key!r} must be an object")
-        if not isinstance(data.get("tokenizer"), (str, type(None))):
-            raise ManifestError(f"{path}: field 'tokenizer' must be a file name or null")
-        if not isinstance(data.get("static", {}), dict):
-            raise ManifestError(f"{path}: field 'static' must be an object")
-        for side in ("inputs", "outputs"):
-            values = data["graph"].get(side)
-            if not isinstance(values, list) or not all(
-                isinstance(v, dict) and isinstance(v.get("name"), str) for v in values
-            ):
-                raise ManifestError(f"{path}: field 'graph.{side}' must be a list of named tensors")
-        for precision, entry in data["files"].items():
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("path"), str)
-                or not isinstance(entry.get("files"), list)
-            ):
-                raise ManifestError(f"{path}: field 'files.{precision}' must name its files")
+        wrong = problems(data)  # the one schema every writer and reader shares (mla_edge.manifest_schema)
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            raise ManifestError(f"{path}: field {wrong[0]}{more}")
         for where, name in _paths(data):
             outside = _outside(folder, name)
             if outside:
@@ -200,6 +182,13 @@ class Manifest:
         return self.folder / name if name else None
 
 
+def check_written(data: dict) -> None:
+    """A writer's check before a manifest reaches the disk: one that breaks the schema is a bug in mla-edge."""
+    wrong = problems(data)
+    if wrong:
+        raise RuntimeError(f"mla-edge wrote a manifest that breaks its schema: {'; '.join(wrong[:5])}")
+
+
 def record_file(folder: Path, section: str, key: str, path: Path, **extra: object) -> dict:
     """List a companion file (a GGUF, a genai graph) in the manifest under section/key with its size and sha256;
     the manifest is rewritten atomically. Returns the entry."""
@@ -207,6 +196,7 @@ def record_file(folder: Path, section: str, key: str, path: Path, **extra: objec
     data = json.loads(manifest.read_text())
     entry = {"path": path.name, "bytes": path.stat().st_size, "sha256": sha256(path), **extra}
     data.setdefault(section, {})[key] = entry
+    check_written(data)
     tmp = folder / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(manifest)

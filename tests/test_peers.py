@@ -40,6 +40,9 @@ def test_every_tensor_reads_back_with_the_rope_permutation(demo_gguf):
                                          "qk_rope_head_dim", "v_head_dim"))  # fmt: skip
     sd = {k: v.float().numpy() for k, v in load_file(str(DEMO_DIR / "model.safetensors")).items()}
     manifest = json.loads((demo_gguf / "mla_edge.json").read_text())
+    from mla_edge.manifest_schema import problems
+
+    assert problems(manifest) == [] and set(manifest["genai"]) == {"fp32"}  # the GGUF and genai writers' entries
     entry = manifest["gguf"]["f32"]
     assert entry["path"] == "model.f32.gguf" and entry["rope_permuted"] is True and len(entry["sha256"]) == 64
     reader = gguf.GGUFReader(str(demo_gguf / entry["path"]))

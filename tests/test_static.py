@@ -241,6 +241,9 @@ def test_phone_files_ort_format_and_tokenizer_graphs(demo_static):
     from onnxruntime_extensions import get_library_path
     from tokenizers import Tokenizer
 
+    from mla_edge.manifest_schema import problems
+
+    assert problems(json.loads((demo_static / MANIFEST).read_text())) == []  # the static + phone files' writers
     man = json.loads((demo_static / MANIFEST).read_text())["static"]
     for graphs in man["files"].values():
         for entry in graphs.values():

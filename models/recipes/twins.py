@@ -104,7 +104,7 @@ def export_twin(model: MLAForCausalLM, arch: str, out_dir: Path, tokenizer: Path
     )
     from mla_edge.export.onnx_graph import OnnxDecoder, dynamic_dims, model_files, trace
     from mla_edge.export.quantize import quantize_int8
-    from mla_edge.runtime.manifest import file_entry
+    from mla_edge.runtime.manifest import check_written, file_entry
 
     cfg = model.cfg
     L, width = cfg.num_hidden_layers, kv_heads_for(cfg, arch) * (cfg.hidden_size // cfg.num_attention_heads)
@@ -149,6 +149,7 @@ def export_twin(model: MLAForCausalLM, arch: str, out_dir: Path, tokenizer: Path
         "tokenizer": "tokenizer.json" if tokenizer else None,
         "files": {p: file_entry(out_dir, p, model_files(out_dir / MODEL_FILE[p])) for p in ("fp32", "int8")},
     }
+    check_written(manifest)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
 
