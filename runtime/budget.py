@@ -108,6 +108,15 @@ def max_context(memory: int, weights_bytes: int, cache_bytes_per_token: int, bat
     return int((memory - at0) // per_token) if memory > at0 else 0
 
 
+def _is_demo(folder: str | Path) -> bool:
+    """The demo model (or its `mla-edge demo` export): the default calibration was measured on it, not borrowed."""
+    from mla_edge.models import DEMO_DIR
+
+    from .manifest import demo_export_dir
+
+    return Path(folder).resolve() in (DEMO_DIR.resolve(), demo_export_dir().resolve())
+
+
 def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | None = None) -> dict:
     """Every (weights, cache dtype, attention form): the largest context that fits. Without a measured calibration
     the runtime's overhead is borrowed from the demo model's, and each answer is also given as a range: from the
@@ -116,7 +125,7 @@ def plan(folder: str | Path, memory: int, batch: int = 1, calibration: dict | No
         raise BudgetError(f"batch must be >= 1, got {batch}")
     facts = model_facts(folder)
     cfg = facts["config"]
-    cal = calibration or {**DEFAULT_CALIBRATION, "borrowed": True}
+    cal = calibration or {**DEFAULT_CALIBRATION, "borrowed": not _is_demo(folder)}
     no_scratch = {**cal, "per_token_bytes": 0.0}
     rows = []
     for w, wbytes in facts["weights"].items():
