@@ -19,7 +19,7 @@ from typing import Any
 
 from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError, read_user_text
 from mla_edge.models import DEMO_DIR
-from mla_edge.parser import build_parser
+from mla_edge.parser import build_parser, join_negative_sizes
 
 EXTRA_MODULES = {"torch", "onnx", "onnxscript", "safetensors", "tqdm", "gguf"}  # what `[export]` installs
 CONVERT_MODULES = {"transformers"}  # and what `[convert]` adds
@@ -519,24 +519,9 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
-SIZE_FLAGS = ("--memory", "--memory-limit")
-
-
-def _join_negative_sizes(argv: list[str]) -> list[str]:
-    """`--memory -5MB` as `--memory=-5MB`: argparse would take -5MB for a flag ("expected one argument"); the size
-    parser then names the real problem."""
-    out: list[str] = []
-    for x in argv:
-        if out and out[-1] in SIZE_FLAGS and x[:1] == "-" and x[1:2].isdigit():
-            out[-1] = f"{out[-1]}={x}"
-        else:
-            out.append(x)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
-    argv = _join_negative_sizes(list(sys.argv[1:] if argv is None else argv))
+    argv = join_negative_sizes(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(sys.modules[__name__])
     try:
         args = parser.parse_args(argv)

@@ -79,6 +79,21 @@ HELP = {  # the flags several commands share, and the long help texts
 }
 
 
+SIZE_FLAGS = ("--memory", "--memory-limit")
+
+
+def join_negative_sizes(argv: list[str]) -> list[str]:
+    """`--memory -5MB` as `--memory=-5MB`: argparse would take -5MB for a flag ("expected one argument"); the size
+    parser then names the real problem."""
+    out: list[str] = []
+    for x in argv:
+        if out and out[-1] in SIZE_FLAGS and x[:1] == "-" and x[1:2].isdigit():
+            out[-1] = f"{out[-1]}={x}"
+        else:
+            out.append(x)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line naming it (the usage block is for --help)."""
 
