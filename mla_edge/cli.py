@@ -160,6 +160,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         smooth=a.smooth,
     )
     if a.format != "onnx":  # a GGUF or a genai graph sits beside an export, listed in its manifest
+        from mla_edge.runtime.manifest import Manifest
+
         if a.format == "genai" and a.cache_dtype not in (None, "fp32"):
             raise UserError(
                 f"--format genai with --cache-dtype {a.cache_dtype}: onnxruntime-genai keeps a float32 cache"
@@ -174,8 +176,6 @@ def cmd_export(a: argparse.Namespace) -> int:
             if a.no_tokenizer:
                 raise UserError("--format genai needs the tokenizer (genai tokenizes itself): drop --no-tokenizer")
         elif a.format == "genai":
-            from mla_edge.runtime.manifest import Manifest
-
             if a.genai_precision not in Manifest.read(out).precisions:
                 raise UserError(
                     f"--genai-precision {a.genai_precision}: {out} has {', '.join(Manifest.read(out).precisions)}; "
