@@ -175,12 +175,11 @@ def cmd_export(a: argparse.Namespace) -> int:
                 )
             if a.no_tokenizer:
                 raise UserError("--format genai needs the tokenizer (genai tokenizes itself): drop --no-tokenizer")
-        elif a.format == "genai":
-            if a.genai_precision not in Manifest.read(out).precisions:
-                raise UserError(
-                    f"--genai-precision {a.genai_precision}: {out} has {', '.join(Manifest.read(out).precisions)}; "
-                    "export it again with that precision"
-                )
+        elif a.format == "genai" and a.genai_precision not in (has := Manifest.read(out).precisions):
+            raise UserError(
+                f"--genai-precision {a.genai_precision}: {out} has {', '.join(has)}; "
+                "export it again with that precision"
+            )
         if a.format == "gguf":  # what llama.cpp cannot say is refused before any work
             from mla_edge.export.gguf_file import check_gguf
 

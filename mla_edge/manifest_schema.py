@@ -9,6 +9,7 @@ Android engine's tests: android_demo/app/src/test/resources/manifest_schema.json
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from mla_edge.contract import CACHE_DTYPES, CACHE_FORMAT, FORMAT, FORMAT_VERSION, PRECISIONS, STATIC_PRECISIONS
@@ -176,8 +177,6 @@ _TYPES = {
 
 def problems(value: Any, schema: dict = MANIFEST_SCHEMA, where: str = "") -> list[str]:
     """Every place where `value` breaks `schema`, as 'field.path: what is wrong' (empty: it conforms)."""
-    import re
-
     name = f"'{where}'" if where else "the manifest"
     if "const" in schema and value != schema["const"]:
         return [f"{name} is {value!r}, not {schema['const']!r}"]

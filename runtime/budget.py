@@ -19,7 +19,7 @@ from mla_edge.contract import CACHE_DTYPES, MANIFEST, InputError, comparison
 from mla_edge.models.config import MLAConfig
 
 from .generate import PREFILL_CHUNK
-from .manifest import Manifest
+from .manifest import Manifest, sha256
 from .memory import run_generate
 
 # What the exporter writes, and bytes per weight where no export exists yet to measure: int4 is MatMulNBits with
@@ -222,13 +222,12 @@ CALIBRATION_FILE = ".mla-edge-budget.json"  # beside the export's manifest; `bud
 
 def _calibration_key(out_dir: Path) -> dict:
     """What a calibration belongs to: this very manifest (a re-export invalidates it) on this kind of machine."""
-    import hashlib
     import platform
 
     import onnxruntime
 
     return {
-        "manifest_sha256": hashlib.sha256((out_dir / MANIFEST).read_bytes()).hexdigest(),
+        "manifest_sha256": sha256(out_dir / MANIFEST),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}",
     }
 
@@ -284,7 +283,6 @@ def format_plan(p: dict) -> str:
         f"{p['weights_source']})",
         f"  runtime overhead {cal['base_bytes'] / 2**20:.1f} MiB + {cal['per_token_bytes']:.0f} B/token per sequence, "
         f"{origin}",
-        f"  {'weights':8s} {'cache':6s} {'MLA max ctx':>14s} {'GQA max ctx':>14s} {'MHA max ctx':>14s}",
     ]
     by: dict[tuple[str, str], dict[str, str]] = {}
     for r in p["rows"]:
@@ -292,9 +290,8 @@ def format_plan(p: dict) -> str:
         cell = f"{lo_hi[0]:,d}-{lo_hi[1]:,d}" if lo_hi else f"{r['max_context']:,d}"
         by.setdefault((r["weights"], r["cache"]), {})[r["attention"]] = cell
     width = max(14, *(len(v) for d in by.values() for v in d.values()))
-    lines[-1] = f"  {'weights':8s} {'cache':6s} " + " ".join(
-        f"{h:>{width}s}" for h in ("MLA max ctx", "GQA max ctx", "MHA max ctx")
-    )
+    heads = ("MLA max ctx", "GQA max ctx", "MHA max ctx")
+    lines.append(f"  {'weights':8s} {'cache':6s} " + " ".join(f"{h:>{width}s}" for h in heads))
     for (w, c), ctx in by.items():
         lines.append(f"  {w:8s} {c:6s} " + " ".join(f"{ctx[f]:>{width}s}" for f in ("mla", "gqa", "mha")))
     if cal.get("borrowed"):

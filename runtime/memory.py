@@ -169,9 +169,7 @@ def run_limited(cmd: list[str], limit: int, **popen) -> tuple[subprocess.Complet
 def rerun_limited(argv: list[str], flag: str, limit: int) -> int:
     """Run this `mla-edge` command line again, without `flag` and its value, in a child under `limit` bytes; its
     stderr passes through with one line saying how the limit was enforced. Exceeding it raises MemoryLimitExceeded."""
-    child = [
-        x for i, x in enumerate(argv) if x != flag and not x.startswith(flag + "=") and (i == 0 or argv[i - 1] != flag)
-    ]
+    child = [x for i, x in enumerate(argv) if x != flag and (i == 0 or argv[i - 1] != flag)]
     child = [x for x in child if not x.startswith(flag + "=")]
     proc, info = run_limited(cli_command(*child), limit, stderr=subprocess.PIPE, text=True)
     sys.stderr.write(proc.stderr)
