@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -178,3 +181,37 @@ def _own_cache_folder(tmp_path_factory):
         os.environ.pop("MLA_EDGE_CACHE", None)
     else:
         os.environ["MLA_EDGE_CACHE"] = old
+
+
+# MLA_EDGE_TEST_NO_QNN=1 runs the tests as a machine without onnxruntime-qnn would (checks what still runs there)
+HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None and not os.environ.get("MLA_EDGE_TEST_NO_QNN")
+
+
+@pytest.fixture(scope="session")
+def demo_static(tmp_path_factory):
+    """The demo's static export: fp32 + w8a16 graphs, phone files and tokenizer graphs. QNN context binaries only where
+    onnxruntime-qnn is installed; only the HTP tests need it (they skip without it, the others run). Shared, read-only,
+    by test_static.py and test_android.py."""
+    from mla_edge.export.pipeline import ExportOptions, export_folder
+    from mla_edge.models import DEMO_DIR
+
+    out = tmp_path_factory.mktemp("demo-static") / "out"
+    opts = ExportOptions(
+        quantize=(),
+        progress=False,
+        ort_format=False,
+        static_cache=256,
+        static_quantize=("w8a16",),
+        qnn_context="sm8650" if HAVE_QNN else None,
+        calibration_text=DEMO_DIR / "calibration.txt",
+    )
+    export_folder(DEMO_DIR, out, opts)
+    return out
+
+
+JVM_RESULTS: list[str] = []  # tests/test_android.py's Kotlin count, for CI's output
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in JVM_RESULTS:
+        terminalreporter.write_line(line)

@@ -1,8 +1,6 @@
 """The static device protocol: fixed shapes, the write rule, same tokens as the dynamic graph, and Qualcomm's HTP."""
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import hf_model, save_hf
+from conftest import HAVE_QNN, hf_model, save_hf
 
 from mla_edge.cli import main
 from mla_edge.contract import MANIFEST, STATIC_MASK_VALUE, CacheContract, static_graph
@@ -21,8 +19,6 @@ from mla_edge.runtime.manifest import ManifestError
 from mla_edge.runtime.static import CapacityError, StaticSession, static_bias
 
 CAP, CHUNK = 200, 8
-# MLA_EDGE_TEST_NO_QNN=1 runs this file as a machine without onnxruntime-qnn would (checks what still runs there)
-HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None and not os.environ.get("MLA_EDGE_TEST_NO_QNN")
 needs_qnn = pytest.mark.skipif(
     not HAVE_QNN, reason="onnxruntime-qnn has wheels for Linux x86_64 / Python 3.11 only (the HTP simulator)"
 )
@@ -142,24 +138,6 @@ HTP = (
     "    diffs.append(float(np.abs(a - b).max())); agree += int(a.argmax() == b.argmax())\n"
     "print('HTP_JSON', json.dumps({'max_abs_logit_diff': max(diffs), 'top1': agree / (steps + 1)}))\n"
 )
-
-
-@pytest.fixture(scope="module")
-def demo_static(tmp_path_factory):
-    """The demo's static export: fp32 + w8a16 graphs, phone files and tokenizer graphs. QNN context binaries only where
-    onnxruntime-qnn is installed; only the HTP tests need it (they skip without it, the others run)."""
-    out = tmp_path_factory.mktemp("demo-static") / "out"
-    opts = ExportOptions(
-        quantize=(),
-        progress=False,
-        ort_format=False,
-        static_cache=256,
-        static_quantize=("w8a16",),
-        qnn_context="sm8650" if HAVE_QNN else None,
-        calibration_text=DEMO_DIR / "calibration.txt",
-    )
-    export_folder(DEMO_DIR, out, opts)
-    return out
 
 
 def htp_vs_cpu(out, precision: str, steps: int) -> dict:

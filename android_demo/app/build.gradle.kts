@@ -1,12 +1,12 @@
 // The mla-edge Android demo: runs an export folder's static protocol (mla_edge.json) with onnxruntime's own
 // Android packages. Two flavors, because onnxruntime-android and onnxruntime-android-qnn are alternative builds of
 // the same library: "standard" (CPU, XNNPACK, NNAPI) and "qnn" (adds Qualcomm's HTP NPU; arm64 Snapdragon phones).
+// Both flavors keep one application id, so the export folder the README's `adb push` names is the same for both
+// (install one flavor at a time). Versions: gradle/libs.versions.toml.
 plugins {
-    id("com.android.application")
-    id("org.jetbrains.kotlin.android")
+    alias(libs.plugins.android.application)
+    alias(libs.plugins.kotlin.android)
 }
-
-val ortVersion = "1.22.0"
 
 android {
     namespace = "dev.mlaedge.demo"
@@ -17,19 +17,24 @@ android {
         minSdk = 27 // NNAPI 1.1
         targetSdk = 34
         versionCode = 1
-        versionName = "0.2.0"
-        ndk { abiFilters += listOf("arm64-v8a", "x86_64") }
+        versionName = "0.3.0"
         testInstrumentationRunner = "androidx.test.runner.AndroidJUnitRunner"
+        buildConfigField("String", "ONNXRUNTIME_VERSION", "\"${libs.versions.onnxruntime.get()}\"")
+        buildConfigField("String", "QNN_SDK_VERSION", "\"\"")
     }
+    buildFeatures { buildConfig = true }
     sourceSets["androidTest"].assets.srcDir("src/test/resources") // the golden trace, on the device too
 
     flavorDimensions += "runtime"
     productFlavors {
-        create("standard") { dimension = "runtime" }
+        create("standard") {
+            dimension = "runtime"
+            ndk { abiFilters += listOf("arm64-v8a", "x86_64") }
+        }
         create("qnn") {
             dimension = "runtime"
-            applicationIdSuffix = ".qnn"
-            ndk { abiFilters.clear(); abiFilters += "arm64-v8a" }
+            ndk { abiFilters += "arm64-v8a" } // Snapdragon phones only; no abiFilters in defaultConfig to merge with
+            buildConfigField("String", "QNN_SDK_VERSION", "\"${libs.versions.qnn.sdk.get()}\"")
         }
     }
 
@@ -45,11 +50,11 @@ android {
 }
 
 dependencies {
-    "standardImplementation"("com.microsoft.onnxruntime:onnxruntime-android:$ortVersion")
-    "qnnImplementation"("com.microsoft.onnxruntime:onnxruntime-android-qnn:$ortVersion")
-    implementation("com.microsoft.onnxruntime:onnxruntime-extensions-android:0.13.0") // tokenizer graphs
-    testImplementation("junit:junit:4.13.2")
-    testImplementation("org.json:json:20240303") // Android's org.json, for JVM unit tests
-    androidTestImplementation("androidx.test:runner:1.6.2")
-    androidTestImplementation("androidx.test.ext:junit:1.2.1")
+    "standardImplementation"(libs.onnxruntime.android)
+    "qnnImplementation"(libs.onnxruntime.android.qnn)
+    implementation(libs.onnxruntime.extensions.android) // tokenizer graphs
+    testImplementation(libs.junit)
+    testImplementation(libs.json) // Android's org.json, for JVM unit tests
+    androidTestImplementation(libs.androidx.test.runner)
+    androidTestImplementation(libs.androidx.test.junit)
 }

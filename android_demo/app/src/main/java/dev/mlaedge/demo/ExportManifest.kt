@@ -12,8 +12,16 @@ data class TensorSpec(val name: String, val shape: LongArray, val dtype: String)
 
 data class GraphSpec(val seq: Int, val inputs: List<TensorSpec>, val outputs: List<TensorSpec>)
 
-/** One graph file: its path, and the QNN context compiled for a SoC, when the export has one. */
-data class GraphFile(val path: String, val ortPath: String?, val qnnContext: String?, val qnnSoc: String?)
+/** One graph file: its path, its ORT-format copy (and the onnxruntime that wrote it), and the QNN context compiled for
+ *  a SoC (and the QNN SDK that compiled it), when the export has them. */
+data class GraphFile(
+    val path: String,
+    val ortPath: String?,
+    val ortWriter: String?,
+    val qnnContext: String?,
+    val qnnSoc: String?,
+    val qnnSdk: String?,
+)
 
 class ExportManifest(val folder: File, json: JSONObject) {
     val formatVersion = json.getInt("format_version")
@@ -41,8 +49,16 @@ class ExportManifest(val folder: File, json: JSONObject) {
         val byGraph = static.getJSONObject("files").getJSONObject(precision)
         return byGraph.keys().asSequence().associateWith { name ->
             val e = byGraph.getJSONObject(name)
+            val ort = e.optJSONObject("ort")
             val ctx = e.optJSONObject("qnn_context")
-            GraphFile(e.getString("path"), e.optJSONObject("ort")?.getString("path"), ctx?.getString("path"), ctx?.getString("soc"))
+            GraphFile(
+                e.getString("path"),
+                ort?.getString("path"),
+                ort?.optString("onnxruntime")?.ifEmpty { null },
+                ctx?.getString("path"),
+                ctx?.getString("soc"),
+                ctx?.optString("qnn_sdk")?.ifEmpty { null },
+            )
         }
     }
 

@@ -1,21 +1,15 @@
-// The static protocol's host side, line for line the twin of mla_edge/runtime/static.py: fixed-capacity latent
-// buffers owned here, the additive mask over their valid slots, and the write rule. The graphs return only the new
-// rows; this class writes them at the write index. No name or shape is typed here: all come from the manifest.
+// The static protocol's host side, the twin of mla_edge/runtime/static.py: fixed-capacity latent buffers owned here,
+// the additive mask over their valid slots, and the write rule. The graphs return only the new rows; this class
+// writes them at the write index. No name or shape is typed here: all come from the manifest. Nothing here touches
+// onnxruntime: a GraphRunner runs the graphs over the buffers bound once, so a decode step allocates nothing and
+// copies only the new rows.
 package dev.mlaedge.demo
-
-import ai.onnxruntime.OnnxTensor
-import ai.onnxruntime.OrtEnvironment
-import ai.onnxruntime.OrtSession
-import java.io.File
-import java.nio.FloatBuffer
-import java.nio.IntBuffer
-
-enum class Provider { CPU, XNNPACK, NNAPI, QNN }
 
 class CapacityException(message: String) : IllegalStateException(message)
 
 /** attn_bias (1, seq, capacity + seq): filled slots [0, length) and, for new token q < valid, new tokens 0..q are
- *  open (0); everything else is maskValue. Padded queries (q >= valid) see the filled slots only. */
+ *  open (0); everything else is maskValue. Padded queries (q >= valid) see the filled slots only. The reference
+ *  form; the engine keeps one bias per graph and changes only what moved (see Bound.writeBias). */
 fun staticBias(length: Int, valid: Int, seq: Int, capacity: Int, maskValue: Float): FloatArray {
     val width = capacity + seq
     val bias = FloatArray(seq * width) { maskValue }
@@ -26,94 +20,132 @@ fun staticBias(length: Int, valid: Int, seq: Int, capacity: Int, maskValue: Floa
     return bias
 }
 
-class StaticEngine(
-    private val env: OrtEnvironment,
-    val manifest: ExportManifest,
-    val precision: String,
-    val provider: Provider,
-) : AutoCloseable {
+/** The logits of one token: a row of a graph's logits buffer, valid until the engine's next call. */
+class Logits internal constructor(private val tensor: HostTensor, val size: Int) {
+    internal var offset = 0
+
+    operator fun get(i: Int): Float = tensor.floats.get(offset + i)
+
+    /** The greedy token: the first of the largest logits (numpy's argmax). */
+    fun argmax(): Int {
+        var best = 0
+        var top = tensor.floats.get(offset)
+        for (i in 1 until size) {
+            val v = tensor.floats.get(offset + i)
+            if (v > top) { top = v; best = i }
+        }
+        return best
+    }
+}
+
+class StaticEngine(val manifest: ExportManifest, private val runner: GraphRunner) : AutoCloseable {
     val capacity = manifest.capacity
     val chunk = manifest.chunk
-    private val sessions: Map<String, OrtSession>
-    private val inputs = manifest.graphs.getValue("decode").inputs
-    private val bufferSpecs = inputs.drop(3) // after input_ids, position_ids, attn_bias
-    private val buffers: Map<String, FloatArray> = bufferSpecs.associate { it.name to FloatArray(it.elements) }
+    private val mask = manifest.maskValue
+    private val bufferSpecs = manifest.graphs.getValue("decode").inputs.drop(3) // after input_ids, position_ids, attn_bias
+
+    /** The latent buffers, one per layer and kind: (1, capacity, width), shared by both graphs. */
+    val buffers: List<HostTensor> = bufferSpecs.map { HostTensor(it.name, it.shape, it.dtype) }
+    private val widths = IntArray(buffers.size) { buffers[it].shape[2].toInt() }
+
+    /** One graph's own tensors: ids, positions, its bias (kept between calls) and its outputs. */
+    private inner class Bound(name: String, spec: GraphSpec) {
+        val seq = spec.seq
+        val ids = HostTensor(spec.inputs[0].name, spec.inputs[0].shape, spec.inputs[0].dtype)
+        val pos = HostTensor(spec.inputs[1].name, spec.inputs[1].shape, spec.inputs[1].dtype)
+        val bias = HostTensor(spec.inputs[2].name, spec.inputs[2].shape, spec.inputs[2].dtype)
+        val outputs = spec.outputs.map { HostTensor(it.name, it.shape, it.dtype) }
+        val vocab = spec.outputs[0].shape[2].toInt()
+        val logits = Logits(outputs[0], vocab)
+        private var open = 0 // slots [0, open) are 0 in every row of bias
+
+        init {
+            val names = spec.inputs.drop(3).map { it.name }
+            require(names == bufferSpecs.map { it.name }) { "graph $name reads buffers $names, decode reads ${bufferSpecs.map { it.name }}" }
+            for (i in 0 until bias.elements) bias.floats.put(i, mask)
+            runner.bind(name, listOf(ids, pos, bias) + buffers, outputs)
+        }
+
+        /** bias := staticBias(length, valid, ...), changing only the slots that moved since the last call. */
+        fun writeBias(length: Int, valid: Int) {
+            val width = capacity + seq
+            val grow = length >= open
+            val from = if (grow) open else length
+            val to = if (grow) length else open
+            val value = if (grow) 0f else mask
+            for (q in 0 until seq) for (j in from until to) bias.floats.put(q * width + j, value)
+            open = length
+            for (q in 0 until seq) for (k in 0 until seq) {
+                bias.floats.put(q * width + capacity + k, if (k <= q && k < valid) 0f else mask)
+            }
+        }
+    }
+
+    private val graphs: Map<String, Bound> = listOf("decode", "prefill").associateWith { Bound(it, manifest.graphs.getValue(it)) }
+
+    /** Tokens in the buffers. */
     var length = 0
         private set
 
-    init {
-        require(precision in manifest.precisions) { "precision $precision has no static graphs (has ${manifest.precisions})" }
-        sessions = manifest.files(precision).mapValues { (_, f) ->
-            val opts = OrtSession.SessionOptions()
-            val path = when (provider) {
-                Provider.CPU -> f.ortPath ?: f.path
-                Provider.XNNPACK -> { opts.addXnnpack(mapOf("intra_op_num_threads" to "4")); f.ortPath ?: f.path }
-                Provider.NNAPI -> { opts.addNnapi(); f.ortPath ?: f.path }
-                Provider.QNN -> {
-                    // The whole graph on the HTP or nothing: a session that loads runs wholly on the NPU.
-                    opts.addConfigEntry("session.disable_cpu_ep_fallback", "1")
-                    val qnn = mutableMapOf("backend_path" to "libQnnHtp.so", "htp_performance_mode" to "burst")
-                    if (precision == "fp32") qnn["enable_htp_fp16_precision"] = "1"
-                    opts.addQnn(qnn)
-                    f.qnnContext ?: f.path // compiled once for a SoC by `mla-edge export --qnn-context`
-                }
-            }
-            env.createSession(File(manifest.folder, path).absolutePath, opts)
-        }
-    }
-
     /** Bytes of the fixed buffers: what the device holds whatever the length. */
-    val cacheBytes: Long get() = buffers.values.sumOf { it.size * 4L }
+    val cacheBytes: Long = buffers.sumOf { it.elements * 4L }
 
     fun reset() {
-        buffers.values.forEach { it.fill(0f) }
+        for (b in buffers) for (i in 0 until b.elements) b.floats.put(i, 0f)
         length = 0
     }
 
-    /** One graph call on up to seq tokens; returns the logits of the valid ones. */
-    @Suppress("UNCHECKED_CAST")
-    private fun run(graph: String, ids: IntArray): Array<FloatArray> {
-        val spec = manifest.graphs.getValue(graph)
-        val seq = spec.seq
-        val valid = ids.size
+    /** Rewinds to an earlier length (slots past it are masked and get overwritten), as the Python session allows. */
+    fun rewind(to: Int) {
+        require(to in 0..length) { "cannot rewind to $to: the buffers hold $length tokens" }
+        length = to
+    }
+
+    /** One graph call on ids[from, from + valid); returns the graph, whose logits rows [0, valid) are the new ones. */
+    private fun run(graph: String, ids: IntArray, from: Int, valid: Int): Bound {
         if (length + valid > capacity) throw CapacityException("the static cache holds $capacity tokens and is full")
-        val idBuf = IntArray(seq).also { ids.copyInto(it) }
-        val pos = IntArray(seq) { minOf(length + it, capacity - 1) }
-        val feeds = LinkedHashMap<String, OnnxTensor>()
-        feeds[spec.inputs[0].name] = OnnxTensor.createTensor(env, IntBuffer.wrap(idBuf), spec.inputs[0].shape)
-        feeds[spec.inputs[1].name] = OnnxTensor.createTensor(env, IntBuffer.wrap(pos), spec.inputs[1].shape)
-        val bias = staticBias(length, valid, seq, capacity, manifest.maskValue)
-        feeds[spec.inputs[2].name] = OnnxTensor.createTensor(env, FloatBuffer.wrap(bias), spec.inputs[2].shape)
-        for (b in bufferSpecs) feeds[b.name] = OnnxTensor.createTensor(env, FloatBuffer.wrap(buffers.getValue(b.name)), b.shape)
-        try {
-            sessions.getValue(graph).run(feeds).use { out ->
-                // The write rule: rows [0, valid) of each new.{i}.{kind} go to slots [length, length + valid).
-                for ((k, b) in bufferSpecs.withIndex()) {
-                    val rows = out.get(k + 1).value as Array<Array<FloatArray>> // (1, seq, width)
-                    val width = b.shape[2].toInt()
-                    val dst = buffers.getValue(b.name)
-                    for (r in 0 until valid) rows[0][r].copyInto(dst, (length + r) * width)
-                }
-                length += valid
-                val logits = out.get(0).value as Array<Array<FloatArray>> // (1, seq, vocab)
-                return Array(valid) { logits[0][it] }
-            }
-        } finally {
-            feeds.values.forEach { it.close() }
+        val g = graphs.getValue(graph)
+        for (i in 0 until g.seq) {
+            g.ids.ints.put(i, if (i < valid) ids[from + i] else 0)
+            g.pos.ints.put(i, minOf(length + i, capacity - 1))
         }
+        g.writeBias(length, valid)
+        runner.run(graph)
+        // The write rule: rows [0, valid) of each new.{i}.{kind} go to slots [length, length + valid).
+        for (k in buffers.indices) {
+            val rows = g.outputs[k + 1].floats
+            val dst = buffers[k].floats
+            val base = length * widths[k]
+            for (i in 0 until valid * widths[k]) dst.put(base + i, rows.get(i))
+        }
+        length += valid
+        return g
     }
 
     /** Feeds the prompt in prefill chunks (the last one padded at its end); returns the last token's logits. */
-    fun prefill(ids: IntArray): FloatArray {
+    fun prefill(ids: IntArray): Logits {
+        if (ids.isEmpty()) throw IllegalArgumentException("the prompt has no tokens")
         if (length + ids.size + 1 > capacity) {
             throw CapacityException("the prompt has ${ids.size} tokens; the static cache holds $capacity (prompt + new tokens)")
         }
-        var last = FloatArray(0)
-        for (s in ids.indices step chunk) last = run("prefill", ids.copyOfRange(s, minOf(s + chunk, ids.size))).last()
-        return last
+        val g = graphs.getValue("prefill")
+        var valid = 0
+        for (s in ids.indices step chunk) {
+            valid = minOf(chunk, ids.size - s)
+            run("prefill", ids, s, valid)
+        }
+        g.logits.offset = (valid - 1) * g.vocab
+        return g.logits
     }
 
-    fun decode(token: Int): FloatArray = run("decode", intArrayOf(token))[0]
+    private val one = IntArray(1)
 
-    override fun close() = sessions.values.forEach { it.close() }
+    fun decode(token: Int): Logits {
+        one[0] = token
+        val g = run("decode", one, 0, 1)
+        g.logits.offset = 0
+        return g.logits
+    }
+
+    override fun close() = runner.close()
 }

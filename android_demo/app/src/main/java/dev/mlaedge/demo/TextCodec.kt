@@ -10,7 +10,7 @@ import ai.onnxruntime.extensions.OrtxPackage
 import java.io.File
 import java.nio.LongBuffer
 
-class TextCodec(private val env: OrtEnvironment, manifest: ExportManifest) : AutoCloseable {
+class TextCodec(private val env: OrtEnvironment, manifest: ExportManifest) : Detokenizer, AutoCloseable {
     private fun open(name: String?): OrtSession? = name?.let {
         val opts = OrtSession.SessionOptions()
         opts.registerCustomOpLibrary(OrtxPackage.getLibraryPath())
@@ -22,8 +22,10 @@ class TextCodec(private val env: OrtEnvironment, manifest: ExportManifest) : Aut
     private val decoder = open(manifest.detokenizer)
     private val bos = manifest.bos
 
+    /** The prompt's ids, the model's bos first; an empty or blank prompt is refused in one line. */
     @Suppress("UNCHECKED_CAST")
     fun encode(text: String): IntArray {
+        require(text.isNotBlank()) { "the prompt is empty" }
         OnnxTensor.createTensor(env, arrayOf(text), longArrayOf(1)).use { t ->
             encoder.run(mapOf("str" to t)).use { out ->
                 val ids = (out.get(0).value as Array<LongArray>)[0].map { it.toInt() }
@@ -32,10 +34,11 @@ class TextCodec(private val env: OrtEnvironment, manifest: ExportManifest) : Aut
         }
     }
 
-    /** The text of ids; a trailing incomplete UTF-8 character shows as U+FFFD, which the caller holds back. */
+    /** TextStream calls this with a few tokens at a time (the new ones plus the last piece's), never the whole text. */
     @Suppress("UNCHECKED_CAST")
-    fun decode(ids: IntArray): String {
+    override fun decode(ids: IntArray): String {
         val dec = decoder ?: return ids.joinToString(" ")
+        if (ids.isEmpty()) return ""
         val buf = LongBuffer.wrap(LongArray(ids.size) { ids[it].toLong() })
         OnnxTensor.createTensor(env, buf, longArrayOf(ids.size.toLong())).use { t ->
             dec.run(mapOf("ids" to t)).use { out -> return (out.get(0).value as Array<String>)[0] }

@@ -1,0 +1,239 @@
+"""The phone engine (android_demo/, Kotlin) compiled here and tested on the JVM against this runtime.
+
+Every Kotlin file that needs neither Android nor onnxruntime classes is compiled with JetBrains' Kotlin compiler from
+PyPI (the `kotlin-jupyter-kernel` wheel, in `[dev]`) against Debian's junit4 and libandroid-json-java (Android's own
+org.json; `.ci/run` installs both). Its JUnit tests then run, the replay tests among them: this file records, with
+mla_edge.runtime's static session and generator, every graph call (feeds and outputs) and every detokenizer call for
+two exports and two prompts each, and the Kotlin engine must make the same calls and give the same tokens and text.
+The traces are written by this test on every run, never edited by hand.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+from conftest import JVM_RESULTS, hf_model, make_tokenizer, save_hf
+
+from mla_edge.export.pipeline import ExportOptions, export_folder
+from mla_edge.runtime.generate import Generator
+from mla_edge.runtime.static import CapacityError
+
+ROOT = Path(__file__).parents[1]
+APP = ROOT / "android_demo/app/src"
+SOURCES = APP / "main/java/dev/mlaedge/demo"
+TESTS = APP / "test/java/dev/mlaedge/demo"
+DEBIAN_JARS = {  # Debian package -> the jar it installs
+    "junit4": "/usr/share/java/junit4.jar",
+    "libhamcrest-java": "/usr/share/java/hamcrest-core.jar",
+    "libandroid-json-java": "/usr/share/java/com.android.json.jar",
+}
+
+
+def jvm_tools() -> tuple[dict, str | None]:
+    """The compiler's jars, the test classpath and java, or why they are missing (one line)."""
+    spec = importlib.util.find_spec("run_kotlin_kernel")
+    where = spec.submodule_search_locations if spec else None
+    jars = Path(next(iter(where))) / "jars" if where else None
+    compiler = next(iter(sorted(jars.glob("kotlin-jupyter-kernel-*-all.jar"))), None) if jars else None
+    stdlib = next(iter(sorted(jars.glob("kotlin-stdlib-*.jar"))), None) if jars else None
+    missing = [p for p, jar in DEBIAN_JARS.items() if not Path(jar).is_file()]
+    if not compiler or not stdlib:
+        return {}, "no Kotlin compiler: pip install kotlin-jupyter-kernel==0.19.0.944 (in [dev])"
+    if missing:
+        return {}, f"no {' '.join(missing)}: apt-get install {' '.join(missing)} (.ci/run does)"
+    if not shutil.which("java"):
+        return {}, "no java on PATH (Java 17)"
+    return {"compiler": compiler, "stdlib": stdlib, "classpath": [stdlib, *map(Path, DEBIAN_JARS.values())]}, None
+
+
+TOOLS, MISSING = jvm_tools()
+needs_jvm = pytest.mark.skipif(
+    MISSING is not None and not os.environ.get("MLA_EDGE_REQUIRE_JVM"),
+    reason=f"the Kotlin engine's JVM tests: {MISSING}",
+)
+
+
+def plain_kotlin(folder: Path) -> list[Path]:
+    """The files that need neither Android nor onnxruntime: the engine, checked here."""
+    needs = re.compile(r"^import (android|ai\.onnxruntime)\.", re.M)
+    return sorted(p for p in folder.glob("*.kt") if not needs.search(p.read_text()))
+
+
+# ---- recording the Python runtime ---------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for one onnxruntime session of a StaticSession: runs it and keeps the feeds and outputs."""
+
+    def __init__(self, graph: str, inner, calls: list):
+        self.graph, self.inner, self.calls = graph, inner, calls
+        self.names = [o.name for o in inner.get_outputs()]
+
+    def run(self, names, feed):
+        outs = self.inner.run(names, feed)
+        self.calls.append((self.graph, {k: np.array(v) for k, v in feed.items()}, dict(zip(self.names, outs))))
+        return outs
+
+
+class _Detokenizer:
+    """The generator's tokenizer, keeping every decode call TextStream makes (ids and text)."""
+
+    def __init__(self, tok, calls: list):
+        self.tok, self.calls = tok, calls
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        self.calls.append({"ids": [int(i) for i in ids], "text": text})
+        return text
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def record(export: Path, out: Path, prompts: list[dict]) -> None:
+    """Runs the prompts through Generator(protocol="static") and writes out/ (trace.json, trace.bin, the manifest)."""
+    gen = Generator(export, "fp32", provider="cpu", protocol="static")
+    sess = gen.session
+    calls: list = []
+    detok: list = []
+    for g in list(sess.sessions):
+        sess.sessions[g] = _Recorder(g, sess.sessions[g], calls)
+    if gen.tokenizer is not None:
+        gen.tokenizer = _Detokenizer(gen.tokenizer, detok)
+    results = []
+    for p in prompts:
+        r = gen.generate_ids([p["ids"]], max_new_tokens=p["max_new_tokens"], eos=p["eos"])[0]
+        if p["fill_last_slot"]:  # the generator leaves one slot (prompt + new = capacity); one decode fills it
+            sess.decode(r.token_ids[-1])
+            assert sess.length == sess.capacity
+            with pytest.raises(CapacityError, match="is full"):
+                sess.decode(0)
+        results.append({**p, "tokens": r.token_ids, "text": r.text, "finish": r.finish_reason})
+    out.mkdir(parents=True)
+    shutil.copyfile(export / "mla_edge.json", out / "mla_edge.json")
+    offset, entries = 0, []
+    with open(out / "trace.bin", "wb") as blob:
+
+        def put(name: str, a: np.ndarray) -> dict:
+            nonlocal offset
+            a = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+            blob.write(a.tobytes())
+            entry = {"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset}
+            offset += a.nbytes
+            return entry
+
+        for graph, feeds, outs in calls:
+            entries.append(
+                {
+                    "graph": graph,
+                    "feeds": [put(k, v) for k, v in feeds.items()],
+                    "outputs": [put(k, v) for k, v in outs.items()],
+                }
+            )
+    trace = {"about": "recorded by tests/test_android.py from mla_edge.runtime; never edit", "prompts": results}
+    (out / "trace.json").write_text(json.dumps({**trace, "calls": entries, "detokenizer": detok}))
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory, demo_static) -> Path:
+    """Two exports' traces: the demo model's static export (capacity 256, chunks of 16; conftest's) and a tiny
+    DeepseekV3 with a byte-level tokenizer that splits multi-byte characters (capacity 40, chunks of 8). Per export: a
+    prompt that crosses a prefill-chunk boundary (eos on), and one that runs the buffer to its last slot."""
+    root = tmp_path_factory.mktemp("android-traces")
+    demo = demo_static
+    gen = Generator(demo, "fp32", provider="cpu", protocol="static")
+    a = gen.encode("It was a dark and stormy night, and the old house stood at the end of the lane")
+    b = gen.encode(
+        '"I do not know," said Mr. Brown, "but the letter came this morning, and she has not been seen since '
+        'the night of the storm, when the old house at the end of the lane was dark."'
+    )
+    assert len(a) > 16 and len(b) > 32
+    record(
+        demo,
+        root / "traces/demo",
+        [
+            {"ids": a, "max_new_tokens": 24, "eos": True, "fill_last_slot": False},
+            {"ids": b, "max_new_tokens": 256, "eos": False, "fill_last_slot": True},
+        ],
+    )
+    hf = save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=64), root / "hf")
+    make_tokenizer(hf / "tokenizer.json")
+    tiny = root / "tiny-export"
+    opts = ExportOptions(quantize=(), progress=False, ort_format=False, static_cache=40, static_chunk=8)
+    export_folder(hf, tiny, opts)
+    rng = np.random.default_rng(3)
+    record(
+        tiny,
+        root / "traces/tiny",
+        [
+            {"ids": rng.integers(1, 320, 13).tolist(), "max_new_tokens": 12, "eos": True, "fill_last_slot": False},
+            {"ids": rng.integers(1, 320, 19).tolist(), "max_new_tokens": 40, "eos": False, "fill_last_slot": True},
+        ],
+    )
+    return root / "traces"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kotlin-classes")
+    sources = plain_kotlin(SOURCES) + sorted(TESTS.glob("*.kt"))
+    cp = ":".join(map(str, TOOLS["classpath"]))
+    cmd = ["java", "-cp", str(TOOLS["compiler"]), "org.jetbrains.kotlin.cli.jvm.K2JVMCompiler"]
+    cmd += ["-no-stdlib", "-no-reflect", "-jvm-target", "17", "-Werror", "-classpath", cp, "-d", str(out)]
+    cmd += [str(s) for s in sources]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@needs_jvm
+def test_the_engine_compiles_without_android_or_onnxruntime():
+    """The split the app relies on: only the Android module's files touch onnxruntime or Android."""
+    plain = {p.name for p in plain_kotlin(SOURCES)}
+    assert {"StaticEngine.kt", "GraphRunner.kt", "ExportManifest.kt", "Generation.kt", "TextStream.kt"} <= plain
+    assert {p.name for p in SOURCES.glob("*.kt")} - plain == {"MainActivity.kt", "OrtGraphRunner.kt", "TextCodec.kt"}
+
+
+@needs_jvm
+def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(compiled, traces):
+    classes = sorted(f"dev.mlaedge.demo.{p.stem}" for p in TESTS.glob("*Test.kt"))
+    declared = sum(len(re.findall(r"^\s*@Test\b", p.read_text(), re.M)) for p in TESTS.glob("*.kt"))
+    cp = ":".join(map(str, [compiled, APP / "test/resources", *TOOLS["classpath"]]))
+    r = subprocess.run(
+        ["java", f"-Dmlaedge.traces={traces}", "-cp", cp, "org.junit.runner.JUnitCore", *classes],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    passed = re.search(r"^OK \((\d+) tests?\)", r.stdout, re.M)
+    assert r.returncode == 0 and passed, r.stdout[-6000:] + r.stderr[-2000:]
+    assert int(passed.group(1)) == declared  # every @Test ran (an assumption that skips is not a pass here)
+    assert "AssumptionViolated" not in r.stdout + r.stderr
+    calls = {t.name: len(json.loads((t / "trace.json").read_text())["calls"]) for t in traces.iterdir()}
+    JVM_RESULTS.append(
+        f"android_demo: {declared} Kotlin JVM tests passed (JUnit 4.13.2), the replay of "
+        + ", ".join(f"{n} graph calls ({k})" for k, n in sorted(calls.items()))
+    )
+
+
+def test_the_app_links_the_onnxruntime_the_exporter_writes_with():
+    """One place says the app's onnxruntime (gradle/libs.versions.toml); pyproject's [export] pin is the same
+    release, and so is the onnxruntime installed here, so the .ort files an export writes load in the app."""
+    import onnxruntime
+
+    versions = tomllib.loads((ROOT / "android_demo/gradle/libs.versions.toml").read_text())["versions"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["optional-dependencies"]["export"] if re.match(r"onnxruntime\s*[=<>~]", d)]
+    assert pins == [f"onnxruntime=={'.'.join(versions['onnxruntime'].split('.')[:2])}.*"]
+    assert onnxruntime.__version__.split(".")[:2] == versions["onnxruntime"].split(".")[:2]
+    gradle = (ROOT / "android_demo/app/build.gradle.kts").read_text()
+    assert '"1.' not in gradle and "libs.versions.onnxruntime" in gradle  # no second version written there
+    if importlib.util.find_spec("onnxruntime_qnn"):
+        from onnxruntime_qnn import build_and_package_info
+
+        assert versions["qnn-sdk"] == build_and_package_info.qnn_version
