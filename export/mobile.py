@@ -52,7 +52,7 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
     SoC, into an EPContext model (a small .onnx naming a QNN context binary): a phone loads it without compiling."""
     import onnxruntime as ort
 
-    from mla_edge.runtime.static import QNN_HTP_FP16, native_chatter, qnn_session_options, qnn_target
+    from mla_edge.runtime.static import QNN_HTP_FP16, native_chatter, qnn_session_options, qnn_target, qnn_versions
 
     target = qnn_target(soc)
     for precision in [p for p in ("fp32", "w8a16", "w8a8") if p in section["files"]]:
@@ -65,7 +65,12 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
             with native_chatter():
                 ort.InferenceSession(str(tmp / entry["path"]), so)
             binaries = sorted(p.name for p in tmp.glob(name[: -len(".onnx")] + "*.bin"))
-            entry["qnn_context"] = {**file_entry(tmp, precision, [name, *binaries]), "soc": soc.lower(), **target}
+            entry["qnn_context"] = {
+                **file_entry(tmp, precision, [name, *binaries]),
+                "soc": soc.lower(),
+                **target,
+                **qnn_versions(),
+            }
 
 
 def tokenizer_graphs(tokenizer_json: Path, tmp: Path) -> dict:

@@ -18,11 +18,8 @@ TWIN_CACHE_FORMATS = ("mha-per-head-kv", "gqa-per-head-kv")  # the comparison tw
 INT = {"type": "integer", "minimum": 0}
 STR = {"type": "string"}
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-FILE = {  # one file of the folder, hashed
-    "type": "object",
-    "required": ["path", "bytes", "sha256"],
-    "properties": {"path": STR, "bytes": INT, "sha256": SHA256},
-}
+FILE_FIELDS: dict[str, Any] = {"path": STR, "bytes": INT, "sha256": SHA256}
+FILE = {"type": "object", "required": ["path", "bytes", "sha256"], "properties": FILE_FIELDS}  # one file, hashed
 TENSOR = {
     "type": "object",
     "required": ["name", "shape", "dtype"],
@@ -36,11 +33,18 @@ GRAPH_FILE = {  # a graph: its main file first, then any external-data files; op
         "path": STR,
         "bytes": INT,
         "files": {"type": "array", "items": FILE},
-        "ort": FILE,
+        "ort": {**FILE, "properties": {**FILE_FIELDS, "onnxruntime": STR}},  # and the release that wrote it
         "qnn_context": {
             "type": "object",
             "required": ["path", "files", "soc", "soc_model"],
-            "properties": {"path": STR, "files": {"type": "array", "items": FILE}, "soc": STR, "soc_model": STR},
+            "properties": {
+                "path": STR,
+                "files": {"type": "array", "items": FILE},
+                "soc": STR,
+                "soc_model": STR,
+                "onnxruntime_qnn": STR,  # the releases that compiled it: a context binary is tied to its QNN SDK
+                "qnn_sdk": STR,
+            },
         },
         "block_size": INT,
     },

@@ -85,6 +85,30 @@ def qnn_target(soc: str) -> dict:
     return {"soc_model": str(model), "htp_arch": str(arch)}
 
 
+def qnn_versions() -> dict:
+    """The onnxruntime-qnn release and the QNN SDK inside it: what a compiled context binary is tied to."""
+    try:
+        import onnxruntime_qnn
+        from onnxruntime_qnn import build_and_package_info
+    except ImportError:
+        return {}
+    return {"onnxruntime_qnn": onnxruntime_qnn.__version__, "qnn_sdk": build_and_package_info.qnn_version}
+
+
+def qnn_context_mismatch(ctx: dict, qnn_options: dict | None) -> str | None:
+    """Why a compiled QNN context cannot serve this session (None when it can), in one line: it was compiled for
+    another SoC than the one asked for, or by another QNN SDK than the one installed. The Android engine says the
+    same (FileChoice.kt)."""
+    want = (qnn_options or {}).get("soc_model", ctx["soc_model"])
+    if want != ctx["soc_model"]:
+        soc = f"{ctx['soc']} (soc_model {ctx['soc_model']})"
+        return f"it was compiled for {soc}, this session asks for soc_model {want}"
+    sdk = qnn_versions().get("qnn_sdk")
+    if ctx.get("qnn_sdk") and sdk and ctx["qnn_sdk"] != sdk:
+        return f"it was compiled by QNN SDK {ctx['qnn_sdk']}, this machine has {sdk}"
+    return None
+
+
 class StaticSession:
     """Both static graphs of one precision over an export folder, with the host-owned buffers.
 
@@ -130,11 +154,14 @@ class StaticSession:
         self.vocab_size = self.graphs["decode"]["outputs"][0]["shape"][-1]
         self.recorded: dict[str, list[dict]] | None = None  # set to {} to keep every feed (calibration)
         self.sessions: dict[str, ort.InferenceSession] = {}
+        self.notes: list[str] = []  # one line per graph that could not use its compiled QNN context
         for name, entry in st["files"][precision].items():
             ctx = entry.get("qnn_context")
-            use_ctx = (
-                provider == "qnn" and ctx and ctx["soc_model"] == (qnn_options or {}).get("soc_model", ctx["soc_model"])
-            )
+            why = qnn_context_mismatch(ctx, qnn_options) if provider == "qnn" and ctx else None
+            use_ctx = provider == "qnn" and ctx and why is None
+            if why:
+                self.notes.append(f"not using the QNN context {ctx['path']}: {why}; compiling {entry['path']} instead")
+                logging.getLogger("mla_edge").warning(self.notes[-1])
             path = self.manifest.verified_path(ctx if use_ctx else entry, verify)  # compiled once: no compile here
             so = session_options
             if so is None:

@@ -2,10 +2,11 @@
 
 Every Kotlin file that needs neither Android nor onnxruntime classes is compiled with JetBrains' Kotlin compiler from
 PyPI (the `kotlin-jupyter-kernel` wheel, in `[dev]`) against Debian's junit4 and libandroid-json-java (Android's own
-org.json; `.ci/run` installs both). Its JUnit tests then run, the replay tests among them: this file records, with
-mla_edge.runtime's static session and generator, every graph call (feeds and outputs) and every detokenizer call for
-two exports and two prompts each, and the Kotlin engine must make the same calls and give the same tokens and text.
-The traces are written by this test on every run, never edited by hand.
+org.json: the installed packages, or their .debs fetched once by `apt-get download`, which needs no root). Its JUnit
+tests then run, the replay tests among them: this file records, with mla_edge.runtime's static session and generator,
+every graph call (feeds and outputs) and every detokenizer call for two exports and two prompts each, and the Kotlin
+engine must make the same calls and give the same tokens and text. The traces are written by this test on every run,
+never edited by hand.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,34 +32,66 @@ APP = ROOT / "android_demo/app/src"
 SOURCES = APP / "main/java/dev/mlaedge/demo"
 TESTS = APP / "test/java/dev/mlaedge/demo"
 DEBIAN_JARS = {  # Debian package -> the jar it installs
-    "junit4": "/usr/share/java/junit4.jar",
-    "libhamcrest-java": "/usr/share/java/hamcrest-core.jar",
-    "libandroid-json-java": "/usr/share/java/com.android.json.jar",
+    "junit4": "junit4.jar",
+    "libhamcrest-java": "hamcrest-core.jar",
+    "libandroid-json-java": "com.android.json.jar",
 }
 
 
-def jvm_tools() -> tuple[dict, str | None]:
-    """The compiler's jars, the test classpath and java, or why they are missing (one line)."""
+def debian_jars() -> tuple[list[Path], str | None]:
+    """JUnit, hamcrest and Android's org.json: the system's (/usr/share/java) or, where the packages are not installed
+    but apt is there, their .debs fetched by `apt-get download` (no root) and unpacked into a cache folder once."""
+    system = [Path("/usr/share/java") / j for j in DEBIAN_JARS.values()]
+    if all(p.is_file() for p in system):
+        return system, None
+    cache = Path.home() / ".cache/mla-edge/debian-jars"
+    jars = [cache / "usr/share/java" / j for j in DEBIAN_JARS.values()]
+    if all(p.is_file() for p in jars):
+        return jars, None
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return [], f"no {' '.join(DEBIAN_JARS)} and no apt-get to fetch them"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".debian-jars-", dir=cache.parent))
+    try:
+        r = subprocess.run(["apt-get", "download", *DEBIAN_JARS], cwd=work, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            return [], f"apt-get download {' '.join(DEBIAN_JARS)} failed: {r.stderr.strip().splitlines()[-1:]}"
+        for deb in work.glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True, timeout=300)
+        try:
+            os.rename(work / "root", cache)  # whole or not at all; a racing run's folder stays as it is
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return (jars, None) if all(p.is_file() for p in jars) else ([], f"{cache} lacks {', '.join(DEBIAN_JARS.values())}")
+
+
+def jvm_tools() -> dict:
+    """The compiler's jars, the test classpath and java; skips with the reason where one is missing (fails in CI,
+    where MLA_EDGE_REQUIRE_JVM is set)."""
     spec = importlib.util.find_spec("run_kotlin_kernel")
     where = spec.submodule_search_locations if spec else None
     jars = Path(next(iter(where))) / "jars" if where else None
     compiler = next(iter(sorted(jars.glob("kotlin-jupyter-kernel-*-all.jar"))), None) if jars else None
     stdlib = next(iter(sorted(jars.glob("kotlin-stdlib-*.jar"))), None) if jars else None
-    missing = [p for p, jar in DEBIAN_JARS.items() if not Path(jar).is_file()]
+    missing = None
     if not compiler or not stdlib:
-        return {}, "no Kotlin compiler: pip install kotlin-jupyter-kernel==0.19.0.944 (in [dev])"
+        missing = "no Kotlin compiler: pip install kotlin-jupyter-kernel==0.19.0.944 (in [dev])"
+    elif not shutil.which("java"):
+        missing = "no java on PATH (Java 17)"
+    else:
+        debian, missing = debian_jars()
     if missing:
-        return {}, f"no {' '.join(missing)}: apt-get install {' '.join(missing)} (.ci/run does)"
-    if not shutil.which("java"):
-        return {}, "no java on PATH (Java 17)"
-    return {"compiler": compiler, "stdlib": stdlib, "classpath": [stdlib, *map(Path, DEBIAN_JARS.values())]}, None
+        if os.environ.get("MLA_EDGE_REQUIRE_JVM"):
+            pytest.fail(f"the Kotlin engine's JVM tests cannot run: {missing}")
+        pytest.skip(f"the Kotlin engine's JVM tests: {missing}")
+    return {"compiler": compiler, "stdlib": stdlib, "classpath": [stdlib, *debian]}
 
 
-TOOLS, MISSING = jvm_tools()
-needs_jvm = pytest.mark.skipif(
-    MISSING is not None and not os.environ.get("MLA_EDGE_REQUIRE_JVM"),
-    reason=f"the Kotlin engine's JVM tests: {MISSING}",
-)
+@pytest.fixture(scope="module")
+def tools() -> dict:
+    return jvm_tools()
 
 
 def plain_kotlin(folder: Path) -> list[Path]:
@@ -95,8 +129,10 @@ class _Detokenizer:
         return getattr(self.tok, name)
 
 
-def record(export: Path, out: Path, prompts: list[dict]) -> None:
-    """Runs the prompts through Generator(protocol="static") and writes out/ (trace.json, trace.bin, the manifest)."""
+def record(export: Path, out: Path, prompts: list[dict], resumes: list[dict] = ()) -> None:
+    """Runs the prompts through Generator(protocol="static"), then each resume on the session itself (prefill, greedy
+    decodes, a second prefill on top: a chat's next turn, whose padded positions reach past the buffer and are
+    clamped), and writes out/ (trace.json, trace.bin, the manifest)."""
     gen = Generator(export, "fp32", provider="cpu", protocol="static")
     sess = gen.session
     calls: list = []
@@ -114,6 +150,15 @@ def record(export: Path, out: Path, prompts: list[dict]) -> None:
             with pytest.raises(CapacityError, match="is full"):
                 sess.decode(0)
         results.append({**p, "tokens": r.token_ids, "text": r.text, "finish": r.finish_reason})
+    resumed = []
+    for p in resumes:
+        sess.reset()
+        logits, tokens = sess.prefill(p["first"]), []
+        for _ in range(p["decodes"]):
+            tokens.append(int(logits.argmax()))
+            logits = sess.decode(tokens[-1])
+        tokens.append(int(sess.prefill(p["then"]).argmax()))
+        resumed.append({**p, "tokens": tokens, "length": sess.length})
     out.mkdir(parents=True)
     shutil.copyfile(export / "mla_edge.json", out / "mla_edge.json")
     offset, entries = 0, []
@@ -136,6 +181,7 @@ def record(export: Path, out: Path, prompts: list[dict]) -> None:
                 }
             )
     trace = {"about": "recorded by tests/test_android.py from mla_edge.runtime; never edit", "prompts": results}
+    trace["resumes"] = resumed
     (out / "trace.json").write_text(json.dumps({**trace, "calls": entries, "detokenizer": detok}))
 
 
@@ -174,16 +220,17 @@ def traces(tmp_path_factory, demo_static) -> Path:
             {"ids": rng.integers(1, 320, 13).tolist(), "max_new_tokens": 12, "eos": True, "fill_last_slot": False},
             {"ids": rng.integers(1, 320, 19).tolist(), "max_new_tokens": 40, "eos": False, "fill_last_slot": True},
         ],
+        [{"first": rng.integers(1, 320, 30).tolist(), "decodes": 5, "then": [7, 8]}],  # positions 35..42 -> 39
     )
     return root / "traces"
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> Path:
+def compiled(tmp_path_factory, tools) -> Path:
     out = tmp_path_factory.mktemp("kotlin-classes")
     sources = plain_kotlin(SOURCES) + sorted(TESTS.glob("*.kt"))
-    cp = ":".join(map(str, TOOLS["classpath"]))
-    cmd = ["java", "-cp", str(TOOLS["compiler"]), "org.jetbrains.kotlin.cli.jvm.K2JVMCompiler"]
+    cp = ":".join(map(str, tools["classpath"]))
+    cmd = ["java", "-cp", str(tools["compiler"]), "org.jetbrains.kotlin.cli.jvm.K2JVMCompiler"]
     cmd += ["-no-stdlib", "-no-reflect", "-jvm-target", "17", "-Werror", "-classpath", cp, "-d", str(out)]
     cmd += [str(s) for s in sources]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -191,7 +238,6 @@ def compiled(tmp_path_factory) -> Path:
     return out
 
 
-@needs_jvm
 def test_the_engine_compiles_without_android_or_onnxruntime():
     """The split the app relies on: only the Android module's files touch onnxruntime or Android."""
     plain = {p.name for p in plain_kotlin(SOURCES)}
@@ -199,11 +245,10 @@ def test_the_engine_compiles_without_android_or_onnxruntime():
     assert {p.name for p in SOURCES.glob("*.kt")} - plain == {"MainActivity.kt", "OrtGraphRunner.kt", "TextCodec.kt"}
 
 
-@needs_jvm
-def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(compiled, traces):
+def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(tools, compiled, traces):
     classes = sorted(f"dev.mlaedge.demo.{p.stem}" for p in TESTS.glob("*Test.kt"))
     declared = sum(len(re.findall(r"^\s*@Test\b", p.read_text(), re.M)) for p in TESTS.glob("*.kt"))
-    cp = ":".join(map(str, [compiled, APP / "test/resources", *TOOLS["classpath"]]))
+    cp = ":".join(map(str, [compiled, APP / "test/resources", *tools["classpath"]]))
     r = subprocess.run(
         ["java", f"-Dmlaedge.traces={traces}", "-cp", cp, "org.junit.runner.JUnitCore", *classes],
         capture_output=True,

@@ -174,11 +174,21 @@ def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
 @pytest.mark.slow
 @needs_qnn
 def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(demo_static):
+    from onnxruntime_qnn import build_and_package_info
+
     man = json.loads((demo_static / MANIFEST).read_text())["static"]
     for precision in ("fp32", "w8a16"):
         ctx = man["files"][precision]["decode"]["qnn_context"]
         assert ctx["soc"] == "sm8650" and ctx["soc_model"] == "57" and ctx["path"].endswith(".qnn-sm8650.onnx")
         assert any(f["path"].endswith(".bin") for f in ctx["files"])
+        assert ctx["qnn_sdk"] == build_and_package_info.qnn_version and ctx["onnxruntime_qnn"]  # what it is tied to
+    from mla_edge.runtime.static import qnn_context_mismatch
+
+    ctx = man["files"]["w8a16"]["decode"]["qnn_context"]
+    assert qnn_context_mismatch(ctx, None) is None
+    assert qnn_context_mismatch({**ctx, "qnn_sdk": "2.40.0"}, None) == (
+        f"it was compiled by QNN SDK 2.40.0, this machine has {build_and_package_info.qnn_version}"
+    )
     code = (
         "import sys, numpy as np\n"
         "from mla_edge.runtime.static import StaticSession\n"
@@ -186,12 +196,17 @@ def test_compiled_qnn_context_loads_without_compiling_and_gives_the_same_logits(
         "b = StaticSession(sys.argv[1], 'w8a16', 'qnn', qnn_options={'soc_model': '43', 'htp_arch': '73'})\n"
         "assert a.sessions['decode']._model_path.endswith('.qnn-sm8650.onnx'), a.sessions['decode']._model_path\n"
         "assert b.sessions['decode']._model_path.endswith('static-decode.w8a16.onnx')  # another SoC: compile\n"
+        "assert a.notes == [] and len(b.notes) == 2, b.notes\n"
+        "print('NOTE', b.notes[0])\n"
         "x, y = a.prefill(list(range(5, 30))), b.prefill(list(range(5, 30)))\n"
         "print('DIFF', float(np.abs(x - y).max()))\n"
     )
     r = subprocess.run([sys.executable, "-c", code, str(demo_static)], capture_output=True, text=True, timeout=600)
     assert "DIFF" in r.stdout, r.stderr[-3000:]
     assert float(r.stdout.split("DIFF")[1]) <= 0.05  # one graph, compiled for two HTP generations
+    note = "not using the QNN context static-decode.w8a16.qnn-sm8650.onnx: it was compiled for sm8650 (soc_model 57)"
+    assert f"NOTE {note}, this session asks for soc_model 43; compiling static-decode.w8a16.onnx instead" in r.stdout
+    assert r.stderr.count("not using the QNN context") == 2  # one line per graph, on stderr
 
 
 @pytest.mark.slow

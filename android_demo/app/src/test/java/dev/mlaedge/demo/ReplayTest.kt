@@ -127,6 +127,17 @@ class ReplayTest {
                     assertEquals("the static cache holds ${engine.capacity} tokens and is full", e.message)
                 }
             }
+            val resumes = trace.json.getJSONArray("resumes") // a second prefill on top of decoded tokens
+            for (p in 0 until resumes.length()) {
+                val want = resumes.getJSONObject(p)
+                engine.reset()
+                var logits = engine.prefill(want.getJSONArray("first").ints())
+                val tokens = ArrayList<Int>()
+                repeat(want.getInt("decodes")) { tokens.add(logits.argmax()); logits = engine.decode(tokens.last()) }
+                tokens.add(engine.prefill(want.getJSONArray("then").ints()).argmax())
+                assertArrayEquals("${dir.name} resume $p: tokens", want.getJSONArray("tokens").ints(), tokens.toIntArray())
+                assertEquals("${dir.name} resume $p: length", want.getInt("length"), engine.length)
+            }
         }
         assertEquals("${dir.name}: graph calls", runner.total, runner.next)
         assertTrue("${dir.name}: every detokenizer call made", detok.finished())
