@@ -260,9 +260,12 @@ def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(tools
     assert int(passed.group(1)) == declared  # every @Test ran (an assumption that skips is not a pass here)
     assert "AssumptionViolated" not in r.stdout + r.stderr
     calls = {t.name: len(json.loads((t / "trace.json").read_text())["calls"]) for t in traces.iterdir()}
+    heap = re.search(r"heap bytes per decode step: (.*)$", r.stdout, re.M)
+    assert heap, r.stdout[-3000:]
     JVM_RESULTS.append(
-        f"android_demo: {declared} Kotlin JVM tests passed (JUnit 4.13.2), the replay of "
+        f"android_demo: {declared} Kotlin JVM tests passed (JUnit 4.13.2): the replay of "
         + ", ".join(f"{n} graph calls ({k})" for k, n in sorted(calls.items()))
+        + f"; heap bytes per decode step: {heap.group(1)}"
     )
 
 

@@ -80,6 +80,7 @@ class EngineMemoryTest {
         val (large, e2) = bytesPerStep(4096 * 4)
         assertEquals(3 + 50 + 2000, e1.length)
         assertEquals(3 + 50 + 2000, e2.length)
+        println("heap bytes per decode step: %.1f at capacity 2100, %.1f at capacity 16384".format(small, large))
         // a copy of the buffers per step would allocate >= 2 layers x 2 kinds x capacity x 24 x 4 bytes (800 KB here)
         assertTrue("a decode step allocates $small B at capacity 2100", small < 64)
         assertTrue("a decode step allocates $large B at capacity 16384", large < 64)
