@@ -27,6 +27,7 @@ from mla_edge.contract import (
     MODEL_FILE,
     PRECISIONS,
     STATIC_MASK_VALUE,
+    STATIC_MASK_VALUES,
     STATIC_PRECISIONS,
     STATIC_WRITE_RULE,
     CacheContract,
@@ -246,6 +247,7 @@ def _static(
         "capacity": n,
         "chunk": c,
         "mask_value": STATIC_MASK_VALUE,
+        "mask_values": {p: STATIC_MASK_VALUES[p] for p in ("fp32", *opts.static_quantize)},
         "write_rule": STATIC_WRITE_RULE,
         "graphs": graphs,
         "files": {"fp32": {}},
@@ -255,8 +257,10 @@ def _static(
         section["files"]["fp32"][name] = file_entry(tmp, "fp32", model_files(path))
     feeds = None
     for p in opts.static_quantize:
-        if p in q.QNN_QDQ and feeds is None:
-            feeds = static_calibration_feeds(StaticSession(tmp, "fp32", "cpu", section=section), tokenizer, calib)
+        if p in q.QNN_QDQ and feeds is None:  # the fp32 graphs fed the QDQ graphs' mask (all QDQ share it)
+            session = StaticSession(tmp, "fp32", "cpu", section=section)
+            session.mask_value = STATIC_MASK_VALUES[p]
+            feeds = static_calibration_feeds(session, tokenizer, calib)
         section["files"][p] = {}
         for name in graphs:
             src, dst = tmp / static_file(name, "fp32"), tmp / static_file(name, p)

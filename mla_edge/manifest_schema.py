@@ -135,6 +135,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "capacity": INT,
                 "chunk": INT,
                 "mask_value": {"type": "number"},
+                "mask_values": {"type": "object", "additionalProperties": {"type": "number"}},
                 "write_rule": STR,
                 "graphs": {
                     "type": "object",

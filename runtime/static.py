@@ -149,7 +149,7 @@ class StaticSession:
             session_options = qnn_session_options("htp", options)
         self.precision, self.capacity, self.chunk = precision, st["capacity"], st["chunk"]
         self.max_context, self.provider = self.capacity, provider
-        self.mask_value = float(st["mask_value"])
+        self.mask_value = float(st.get("mask_values", {}).get(precision, st["mask_value"]))
         self.graphs = st["graphs"]
         self.vocab_size = self.graphs["decode"]["outputs"][0]["shape"][-1]
         self.recorded: dict[str, list[dict]] | None = None  # set to {} to keep every feed (calibration)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from conftest import JVM_RESULTS, hf_model, make_tokenizer, save_hf
+from conftest import hf_model, make_tokenizer, save_hf
 
 from mla_edge.export.pipeline import ExportOptions, export_folder
 from mla_edge.runtime.generate import Generator
@@ -245,7 +245,7 @@ def test_the_engine_compiles_without_android_or_onnxruntime():
     assert {p.name for p in SOURCES.glob("*.kt")} - plain == {"MainActivity.kt", "OrtGraphRunner.kt", "TextCodec.kt"}
 
 
-def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(tools, compiled, traces):
+def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(tools, compiled, traces, record_property):
     classes = sorted(f"dev.mlaedge.demo.{p.stem}" for p in TESTS.glob("*Test.kt"))
     declared = sum(len(re.findall(r"^\s*@Test\b", p.read_text(), re.M)) for p in TESTS.glob("*.kt"))
     cp = ":".join(map(str, [compiled, APP / "test/resources", *tools["classpath"]]))
@@ -262,10 +262,11 @@ def test_kotlin_engine_replays_the_python_runtime_and_passes_its_jvm_tests(tools
     calls = {t.name: len(json.loads((t / "trace.json").read_text())["calls"]) for t in traces.iterdir()}
     heap = re.search(r"heap bytes per decode step: (.*)$", r.stdout, re.M)
     assert heap, r.stdout[-3000:]
-    JVM_RESULTS.append(
+    record_property(
+        "summary",
         f"android_demo: {declared} Kotlin JVM tests passed (JUnit 4.13.2): the replay of "
         + ", ".join(f"{n} graph calls ({k})" for k, n in sorted(calls.items()))
-        + f"; heap bytes per decode step: {heap.group(1)}"
+        + f"; heap bytes per decode step: {heap.group(1)}",
     )
 
 

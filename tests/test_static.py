@@ -11,7 +11,7 @@ import pytest
 from conftest import HAVE_QNN, hf_model, save_hf
 
 from mla_edge.cli import main
-from mla_edge.contract import MANIFEST, STATIC_MASK_VALUE, CacheContract, static_graph
+from mla_edge.contract import MANIFEST, STATIC_MASK_VALUE, STATIC_MASK_VALUES, CacheContract, static_graph
 from mla_edge.export.pipeline import ExportError, ExportOptions, export_folder
 from mla_edge.models import DEMO_DIR
 from mla_edge.runtime.generate import Generator
@@ -103,6 +103,28 @@ def test_static_fills_its_buffer_to_the_last_slot_exactly_as_the_dynamic_graph(s
     r = gen.generate_ids([ids[:21]], max_new_tokens=CAP, eos=False)[0]
     want_ids = Generator(out, "fp32", provider="cpu").generate_ids([ids[:21]], max_new_tokens=CAP - 21, eos=False)[0]
     assert r.finish_reason == "length" and 21 + len(r.token_ids) == CAP and r.token_ids == want_ids.token_ids
+
+
+def test_float_graphs_mask_keeps_stale_slots_out_where_the_qdq_mask_would_not(static_export):
+    """Slots past the length can hold stale rows (a rewind, a chat's next turn) or anything at all: the fp32 graphs'
+    mask (-1e4, recorded per precision in the manifest) keeps them out exactly. The same garbage leaks through the
+    QDQ graphs' -50, which is why float graphs no longer use it."""
+    _, out = static_export
+    man = json.loads((out / MANIFEST).read_text())["static"]
+    assert man["mask_values"] == {"fp32": -1e4}
+    assert man["mask_value"] == STATIC_MASK_VALUE == STATIC_MASK_VALUES["w8a16"]  # readers before mask_values
+    s = StaticSession(out, "fp32", "cpu")
+    assert s.mask_value == -1e4
+    ids = list(range(3, 40))
+    clean = s.prefill(ids)
+    rng = np.random.default_rng(0)
+    for b in s.buffers.values():  # every slot, filled ones included, becomes garbage 10x the rows' size
+        b[:] = rng.normal(0, 10 * np.abs(b).max(), b.shape)
+    diffs = {}
+    for mask in (-1e4, -50.0):
+        s.mask_value, s.length = mask, 0
+        diffs[mask] = float(np.abs(s.prefill(ids) - clean).max())
+    assert diffs[-1e4] <= 1e-4 and diffs[-50.0] > 1e-2, diffs
 
 
 def test_static_bad_input(static_export, tmp_path, capsys):

@@ -22,7 +22,7 @@ class DemoTraceTest {
             val ids = codec.encode(trace.getString("prompt"))
             val want = trace.getJSONArray("prompt_ids").let { a -> IntArray(a.length()) { a.getInt(it) } }
             assertArrayEquals(want, ids)
-            StaticEngine(manifest, OrtGraphRunner(env, manifest, "fp32", Provider.CPU, device, bigCoreCount())).use { engine ->
+            StaticEngine(manifest, "fp32", OrtGraphRunner(env, manifest, "fp32", Provider.CPU, device, bigCoreCount())).use { engine ->
                 var logits = engine.prefill(ids)
                 val got = IntArray(32) { logits.argmax().also { t -> logits = engine.decode(t) } }
                 val greedy = trace.getJSONArray("greedy_ids").let { a -> IntArray(a.length()) { a.getInt(it) } }

@@ -29,7 +29,13 @@ class ExportManifest(val folder: File, json: JSONObject) {
         ?: throw IllegalStateException("$folder has no static protocol: export it with --static-cache N")
     val capacity = static.getInt("capacity")
     val chunk = static.getInt("chunk")
-    val maskValue = static.getDouble("mask_value").toFloat()
+    private val maskValues = static.optJSONObject("mask_values")
+    private val defaultMask = static.getDouble("mask_value").toFloat()
+
+    /** The additive bias of a masked slot for one precision's graphs (-1e4 for float graphs, -50 for QDQ ones);
+     *  mask_value for a precision the manifest does not list (manifests written before mask_values). */
+    fun maskValue(precision: String): Float =
+        if (maskValues != null && maskValues.has(precision)) maskValues.getDouble(precision).toFloat() else defaultMask
     val graphs: Map<String, GraphSpec> = static.getJSONObject("graphs").let { g ->
         g.keys().asSequence().associateWith { graphSpec(g.getJSONObject(it)) }
     }

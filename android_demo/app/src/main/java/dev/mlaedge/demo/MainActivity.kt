@@ -64,7 +64,7 @@ class MainActivity : Activity() {
         engine?.let { (k, e) -> if (k == key) return e else e.close() }
         val runner = OrtGraphRunner(env, m, precision, provider, device, bigCoreCount())
         runner.notes.forEach { note -> runOnUiThread { stats.append("\n$note") } }
-        return StaticEngine(m, runner).also { engine = key to it }
+        return StaticEngine(m, precision, runner).also { engine = key to it }
     }
 
     private fun run(m: ExportManifest, provider: Provider, precision: String, prompt: String, maxNew: Int,

@@ -38,10 +38,10 @@ class Logits internal constructor(private val tensor: HostTensor, val size: Int)
     }
 }
 
-class StaticEngine(val manifest: ExportManifest, private val runner: GraphRunner) : AutoCloseable {
+class StaticEngine(val manifest: ExportManifest, val precision: String, private val runner: GraphRunner) : AutoCloseable {
     val capacity = manifest.capacity
     val chunk = manifest.chunk
-    private val mask = manifest.maskValue
+    private val mask = manifest.maskValue(precision)
     private val bufferSpecs = manifest.graphs.getValue("decode").inputs.drop(3) // after input_ids, position_ids, attn_bias
 
     /** The latent buffers, one per layer and kind: (1, capacity, width), shared by both graphs. */

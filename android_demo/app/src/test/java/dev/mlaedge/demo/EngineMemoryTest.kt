@@ -25,6 +25,7 @@ fun syntheticManifest(capacity: Int, chunk: Int = 8, layers: Int = 2, width: Int
     }
     val file = JSONObject().put("path", "x.onnx")
     val static = JSONObject().put("capacity", capacity).put("chunk", chunk).put("mask_value", -50.0)
+        .put("mask_values", JSONObject().put("fp32", -1e4))
         .put("graphs", JSONObject().put("decode", graph(1)).put("prefill", graph(chunk)))
         .put("files", JSONObject().put("fp32", JSONObject().put("decode", file).put("prefill", file)))
     val model = JSONObject().put("num_hidden_layers", layers).put("num_attention_heads", 4)
@@ -64,7 +65,7 @@ class EngineMemoryTest {
     /** Heap bytes allocated per decode step, after warming up, and the engine after the steps. */
     private fun bytesPerStep(capacity: Int, steps: Int = 2000): Pair<Double, StaticEngine> {
         val runner = FakeRunner()
-        val engine = StaticEngine(syntheticManifest(capacity), runner)
+        val engine = StaticEngine(syntheticManifest(capacity), "fp32", runner)
         var token = engine.prefill(intArrayOf(1, 2, 3)).argmax()
         repeat(50) { token = engine.decode(token).argmax() } // warm up (JIT, class loading)
         val before = threads.currentThreadAllocatedBytes
@@ -87,8 +88,15 @@ class EngineMemoryTest {
     }
 
     @Test
+    fun theMaskIsThePrecisionsOwn() {
+        val m = syntheticManifest(8)
+        assertEquals(-1e4f, m.maskValue("fp32"), 0f)
+        assertEquals(-50f, m.maskValue("w8a16"), 0f) // not listed: the manifest's mask_value
+    }
+
+    @Test
     fun newRowsLandAtTheWriteIndexAndNowhereElse() {
-        val engine = StaticEngine(syntheticManifest(64), FakeRunner())
+        val engine = StaticEngine(syntheticManifest(64), "fp32", FakeRunner())
         engine.prefill(IntArray(11) { it })
         repeat(5) { engine.decode(7) }
         val b = engine.buffers[0]
@@ -114,7 +122,7 @@ class EngineMemoryTest {
             }
             override fun close() {}
         }
-        val engine = StaticEngine(syntheticManifest(cap, chunk = 8), runner)
+        val engine = StaticEngine(syntheticManifest(cap, chunk = 8), "w8a16", runner)
         val want = ArrayList<FloatArray>()
         fun expect(length: Int, valid: Int, seq: Int) = want.add(staticBias(length, valid, seq, cap, -50f))
         engine.prefill(IntArray(19) { it }); expect(0, 8, 8); expect(8, 8, 8); expect(16, 3, 8)

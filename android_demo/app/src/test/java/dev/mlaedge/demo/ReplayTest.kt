@@ -110,7 +110,7 @@ class ReplayTest {
         val manifest = ExportManifest.read(dir)
         val runner = ReplayRunner(trace)
         val detok = ReplayDetokenizer(trace)
-        StaticEngine(manifest, runner).use { engine ->
+        StaticEngine(manifest, "fp32", runner).use { engine ->
             val prompts = trace.json.getJSONArray("prompts")
             for (p in 0 until prompts.length()) {
                 val want = prompts.getJSONObject(p)
