@@ -78,6 +78,8 @@ class Generator:
             protocol = "static" if provider == "qnn" else "dynamic"
         if protocol == "static":
             self.session = StaticSession(export_dir, precision, provider, **session)
+            # the static graphs prefill in their own fixed chunks, as the Android engine does: one call per prompt
+            self.prefill_chunk = self.session.capacity
         elif protocol == "dynamic":
             self.session = LatentSession(export_dir, precision, provider, **session)
         else:

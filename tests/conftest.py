@@ -209,6 +209,25 @@ def demo_static(tmp_path_factory):
     return out
 
 
+# The slowest files first (about 3-6 minutes each on 2 cores), so that the two workers finish together: pytest-xdist
+# hands out whole files in collection order (--dist loadfile).
+SLOWEST_FILES = (
+    "test_demo_model.py",
+    "test_families.py",
+    "test_moe.py",
+    "test_static.py",
+    "test_android.py",
+    "test_peers.py",
+    "test_bad_inputs.py",
+    "test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 def pytest_terminal_summary(terminalreporter):
     """Lines a test asks to show at the end (record_property("summary", ...)): tests/test_android.py's Kotlin count,
     for CI's output. Read from the reports, so they arrive from worker processes too."""
