@@ -55,7 +55,9 @@ def qnn_context_files(tmp: Path, section: dict, soc: str) -> None:
     from mla_edge.runtime.static import QNN_HTP_FP16, native_chatter, qnn_session_options, qnn_target, qnn_versions
 
     target = qnn_target(soc)
-    for precision in [p for p in ("fp32", "w8a16", "w8a8") if p in section["files"]]:
+    from .quantize import QNN_QDQ
+
+    for precision in [p for p in ("fp32", *QNN_QDQ) if p in section["files"]]:
         for entry in section["files"][precision].values():
             name = entry["path"][: -len(".onnx")] + f".qnn-{soc.lower()}.onnx"
             so = qnn_session_options("htp", {**(QNN_HTP_FP16 if precision == "fp32" else {}), **target})

@@ -64,7 +64,7 @@ class ExportOptions:
     cache_dtype: str | None = None
     static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
     static_chunk: int = 16  # tokens per static prefill chunk
-    static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for QNN)
+    static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w4a16 / w8a8 (QDQ)
     require_tokenizer: bool = True  # refuse a model folder without a readable tokenizer.json (--no-tokenizer: allow)
     qnn_context: str | None = None  # compile the static graphs for this Snapdragon SoC (sm8650, ...): EPContext files
     moe_op: bool = True  # MoE layers as onnxruntime's MoE/QMoE op (only chosen experts run), else dense plain ops
@@ -148,13 +148,13 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
         for p in opts.static_quantize:
             if p not in STATIC_PRECISIONS[1:]:
                 raise ExportError(f"unknown --static-quantize {p!r} (choose from {', '.join(STATIC_PRECISIONS[1:])})")
-        if {"w8a16", "w8a8"} & set(opts.static_quantize) and (
+        if {"w8a16", "w4a16", "w8a8"} & set(opts.static_quantize) and (
             opts.calibration_text is None
             or not Path(opts.calibration_text).is_file()
             or not (model_dir / "tokenizer.json").is_file()
         ):
             raise ExportError(
-                "--static-quantize w8a16/w8a8 calibrates on text: pass --calibration-text FILE "
+                "--static-quantize w8a16/w4a16/w8a8 calibrates on text: pass --calibration-text FILE "
                 "(and the model folder needs its tokenizer.json)"
             )
         if opts.qnn_context:

@@ -423,7 +423,7 @@ def quantize_int8_qdq(src: Path, dst: Path, feeds: list[dict]) -> None:
 
 
 # Activation and weight types of the QDQ graphs made for Qualcomm's HTP (onnxruntime's own QNN tooling).
-QNN_QDQ = {"w8a16": ("QUInt16", "QUInt8"), "w8a8": ("QUInt8", "QUInt8")}
+QNN_QDQ = {"w8a16": ("QUInt16", "QUInt8"), "w4a16": ("QUInt16", "QInt4"), "w8a8": ("QUInt8", "QUInt8")}
 
 
 def quantize_qnn(src: Path, dst: Path, feeds: list[dict], precision: str = "w8a16") -> None:

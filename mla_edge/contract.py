@@ -86,15 +86,16 @@ STATIC_OUTPUTS = (LOGITS,)  # then the new rows
 CACHE_BUFFER, NEW_ROWS = "cache.{layer}.{kind}", "new.{layer}.{kind}"
 STATIC_GRAPHS = ("decode", "prefill")  # seq 1, and seq = the prefill chunk
 # The static graphs' precisions: fp32 (CPU, NNAPI, CoreML; Qualcomm's HTP runs it in its fp16 mode), int8 (dynamic
-# int8 for the CPU), and QDQ made for Qualcomm's HTP: w8a16 (8-bit weights, 16-bit activations) and w8a8.
-STATIC_PRECISIONS = ("fp32", "int8", "w8a16", "w8a8")
+# int8 for the CPU), and QDQ made for Qualcomm's HTP: w8a16 (8-bit weights, 16-bit activations), w4a16 (4-bit
+# weights, for phone RAM) and w8a8.
+STATIC_PRECISIONS = ("fp32", "int8", "w8a16", "w4a16", "w8a8")
 # Masked slots get an additive bias per static precision. Float activations (fp32 on the CPU, NNAPI, CoreML and in
 # HTP's fp16 mode; dynamic int8 quantizes weights only): -1e4, exact in fp16 and past any score, so that a stale or
 # empty slot never leaks (at -50, slots holding rows 10x the usual size moved the demo's fp32 logits by 1.9). QDQ
 # graphs: -50, small enough for 16-bit (and 8-bit) quantized activations to keep the unmasked scores' resolution,
 # large enough that exp(-50) ~ 2e-22 removes them. The manifest records them as static.mask_values; its mask_value
 # (the QDQ one, what readers before mask_values used for every precision) stays for them.
-STATIC_MASK_VALUES = {"fp32": -1e4, "int8": -1e4, "w8a16": -50.0, "w8a8": -50.0}
+STATIC_MASK_VALUES = {"fp32": -1e4, "int8": -1e4, "w8a16": -50.0, "w4a16": -50.0, "w8a8": -50.0}
 STATIC_MASK_VALUE = STATIC_MASK_VALUES["w8a16"]
 STATIC_WRITE_RULE = (
     "length = tokens already in the buffer. A step feeds S = seq tokens (the last prefill chunk is padded at its end); "

@@ -199,8 +199,8 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=STATIC_PRECISIONS[1:],
-        help="static precisions besides fp32: int8 (CPU), w8a16 / w8a8 (QDQ for Qualcomm's HTP); default: int8, "
-        "plus w8a16 when there is calibration text",
+        help="static precisions besides fp32: int8 (CPU), w8a16 / w4a16 / w8a8 (QDQ for Qualcomm's HTP); "
+        "default: int8, plus w8a16 when there is calibration text",
     )
     p.add_argument("--qnn-context", metavar="SOC", help=HELP["qnn_context"])
 

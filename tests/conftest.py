@@ -189,9 +189,9 @@ HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None and not os.en
 
 @pytest.fixture(scope="session")
 def demo_static(tmp_path_factory):
-    """The demo's static export: fp32 + w8a16 graphs, phone files and tokenizer graphs. QNN context binaries only where
-    onnxruntime-qnn is installed; only the HTP tests need it (they skip without it, the others run). Shared, read-only,
-    by test_static.py and test_android.py."""
+    """The demo's static export: fp32 + w8a16 + w4a16 graphs, phone files and tokenizer graphs. QNN context binaries
+    only where onnxruntime-qnn is installed; only the HTP tests need it (they skip without it, the others run). Shared,
+    read-only, by test_static.py and test_android.py."""
     from mla_edge.export.pipeline import ExportOptions, export_folder
     from mla_edge.models import DEMO_DIR
 
@@ -201,7 +201,7 @@ def demo_static(tmp_path_factory):
         progress=False,
         ort_format=False,
         static_cache=256,
-        static_quantize=("w8a16",),
+        static_quantize=("w8a16", "w4a16"),
         qnn_context="sm8650" if HAVE_QNN else None,
         calibration_text=DEMO_DIR / "calibration.txt",
     )

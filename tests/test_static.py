@@ -184,12 +184,14 @@ def test_demo_fp32_static_graphs_run_whole_on_qualcomm_htp(demo_static):
 
 @pytest.mark.slow
 @needs_qnn
-def test_demo_w8a16_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static):
-    """The w8a16 QDQ graphs (onnxruntime's QNN tooling) on HTP against the very same graphs on ORT's CPU, 64 steps:
-    only a wrong HTP kernel can make them differ by much (the prototype's Sqrt->Reciprocal bug: a constant factor).
-    Tolerance 0.5: HTP requantizes in fixed point where the CPU simulates QDQ in float; measured 0.17 here, and
-    16-bit activations quantize logits' ~50-wide range in steps of ~1e-3 before rounding compounds over 6 layers."""
-    rep = htp_vs_cpu(demo_static, "w8a16", 64)
+@pytest.mark.parametrize("precision", ["w8a16", "w4a16"])
+def test_demo_qdq_on_htp_equals_the_same_qdq_graph_on_the_cpu(demo_static, precision):
+    """The w8a16 and w4a16 QDQ graphs (onnxruntime's QNN tooling; 4-bit weights are QNN's INT4) on HTP against the
+    very same graphs on ORT's CPU, 64 steps: only a wrong HTP kernel can make them differ by much (the prototype's
+    Sqrt->Reciprocal bug: a constant factor). Tolerance 0.5: HTP requantizes in fixed point where the CPU simulates
+    QDQ in float; measured 0.17 (w8a16) here, and 16-bit activations quantize logits' ~50-wide range in steps of ~1e-3
+    before rounding compounds over 6 layers."""
+    rep = htp_vs_cpu(demo_static, precision, 64)
     assert rep["max_abs_logit_diff"] <= 0.5 and rep["top1"] >= 0.95, rep
 
 
