@@ -43,7 +43,7 @@ from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTempl
 from mla_edge.runtime.manifest import check_written, file_entry, ort_target
 
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
-BLOCK_PRECISIONS = {"int4": (4, 0), "w8a32": (8, 0), "int8-block": (8, 4)}  # MatMulNBits: bits, accuracy_level
+BLOCK_PRECISIONS = {"int4": (4, 4), "w8a32": (8, 0), "int8-block": (8, 4)}  # MatMulNBits: bits, accuracy_level
 
 
 class ExportError(InputError):

@@ -60,7 +60,8 @@ HELP = {  # the flags several commands share, and the long help texts
     "inode are unchanged)",
     "model_dir": "Hugging Face model folder: config.json + *.safetensors (default: the embedded demo model)",
     "out_dir": "export folder (default: the demo model's cached export, written by `mla-edge demo`)",
-    "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (MatMulNBits), int8-qdq (static, calibrated), "
+    "quantize": "precisions besides fp32: none, int8 (dynamic), int4 (4-bit weights, int8 activations by blocks), "
+    "int8-qdq (static, calibrated), "
     "w8a32 (int8 weights, fp32 activations), int8-block (int8 weights and activations by blocks: real LLMs' int8)",
     "calibration": "text for int8-qdq calibration (default for the demo model: its calibration.txt)",
     "cache_dtype": "latent cache storage: fp16 (default, as llama.cpp's cache: half fp32's bytes, attended in fp32), "

@@ -23,8 +23,9 @@ from .manifest import Manifest, sha256
 from .memory import run_generate
 
 # What the exporter writes, and bytes per weight where no export exists yet to measure: int4 is MatMulNBits with
-# a float32 scale per block of 32 (0.5 + 4 / 32 bytes per weight).
+# a float32 scale per block of 32 (0.5 + 4 / 32 bytes per weight), except its LM head and embedding (see ENDS_BYTES).
 WEIGHT_PRECISIONS = {"fp32": 4.0, "int8": 1.0, "int4": 0.625}
+ENDS_BYTES = {"int4": (1.125 + 1.0) / 2}  # int4's 8-bit LM head (by blocks of 32) and embedding (per row), per weight
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -64,6 +65,14 @@ def graph_weight_count(cfg: MLAConfig) -> int:
     return param_count(cfg) + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
 
 
+def estimated_bytes(cfg: MLAConfig, precision: str) -> int:
+    """An export's weight bytes in `precision` before it exists: graph weights x bytes per weight."""
+    n, ends = graph_weight_count(cfg), 2 * cfg.vocab_size * cfg.hidden_size
+    if precision not in ENDS_BYTES:
+        return int(n * WEIGHT_PRECISIONS[precision])
+    return int((n - ends) * WEIGHT_PRECISIONS[precision] + ends * ENDS_BYTES[precision])
+
+
 def model_facts(folder: str | Path) -> dict[str, Any]:
     """Config and weight bytes from an export folder (measured file sizes) or a HF model folder (parameter count)."""
     folder = Path(folder)
@@ -73,15 +82,15 @@ def model_facts(folder: str | Path) -> dict[str, Any]:
         cfg = MLAConfig.from_dict(model)
         n = graph_weight_count(cfg)
         weights = {
-            p: man.data["files"][p]["bytes"] if p in man.data["files"] else int(n * b)
-            for p, b in WEIGHT_PRECISIONS.items()
+            p: man.data["files"][p]["bytes"] if p in man.data["files"] else estimated_bytes(cfg, p)
+            for p in WEIGHT_PRECISIONS
         }
         measured = [p for p in WEIGHT_PRECISIONS if p in man.data["files"]]
         source = f"export file sizes for {', '.join(measured)}; {n:,} graph weights x bytes per weight for the rest"
     else:
         cfg = MLAConfig.from_pretrained(folder)
         n = graph_weight_count(cfg)
-        weights = {p: int(n * b) for p, b in WEIGHT_PRECISIONS.items()}
+        weights = {p: estimated_bytes(cfg, p) for p in WEIGHT_PRECISIONS}
         source = f"{n:,} graph weights x bytes per weight (an export's file sizes are exact)"
     return {"config": cfg, "weights": weights, "weights_source": source}
 

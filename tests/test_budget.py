@@ -95,7 +95,10 @@ def test_plan_rows_are_the_hand_computed_answer(tiny_ckpt):
     for r in p["rows"]:
         if r["attention"] != "mla" or r["cache"] not in width:
             continue
-        weights = int(n * {"fp32": 4.0, "int8": 1.0, "int4": 0.625}[r["weights"]])
+        ends = 2 * cfg.vocab_size * cfg.hidden_size  # int4's LM head (8-bit blocks of 32) and embedding (int8 rows)
+        weights = {"fp32": 4 * n, "int8": n, "int4": int((n - ends) * 0.625 + ends * (1 + 4 / 32 + 1) / 2)}[
+            r["weights"]
+        ]
         want = (memory - weights - 7_000_000) // (batch * (latent * width[r["cache"]] + 300))
         assert r["max_context"] == want > 0, r
         assert "max_context_range" not in r  # a measured calibration gives one number
