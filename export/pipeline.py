@@ -42,6 +42,8 @@ from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTemplate, eos_ids
 from mla_edge.runtime.manifest import check_written, file_entry, ort_target
 
+from .quantize import QNN_QDQ
+
 QUANT_CHOICES = ("none", *PRECISIONS[1:])
 BLOCK_PRECISIONS = {"int4": (4, 4), "w8a32": (8, 0), "int8-block": (8, 4)}  # MatMulNBits: bits, accuracy_level
 
@@ -148,7 +150,7 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
         for p in opts.static_quantize:
             if p not in STATIC_PRECISIONS[1:]:
                 raise ExportError(f"unknown --static-quantize {p!r} (choose from {', '.join(STATIC_PRECISIONS[1:])})")
-        if {"w8a16", "w4a16", "w8a8"} & set(opts.static_quantize) and (
+        if set(QNN_QDQ) & set(opts.static_quantize) and (
             opts.calibration_text is None
             or not Path(opts.calibration_text).is_file()
             or not (model_dir / "tokenizer.json").is_file()
