@@ -359,9 +359,8 @@ def quantize_int4(
         )
         q.process()
         model = q.model.model
-    gathers = any(
-        n.op_type == "Gather" and n.input[0] in {t.name for t in model.graph.initializer} for n in model.graph.node
-    )
+    weights = {t.name for t in model.graph.initializer}
+    gathers = any(n.op_type == "Gather" and n.input[0] in weights for n in model.graph.node)
     mid = dst.with_name(".mid-" + dst.name) if gathers else dst
     save_model(model, mid, external)
     del model, q
