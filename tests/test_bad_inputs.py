@@ -529,11 +529,14 @@ def test_ctrl_c_or_sigterm_during_export_is_one_line_and_leaves_nothing(world, t
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell without job control starts background jobs (a CI launched with `&`) with SIGINT
+        # ignored, which children inherit and Python then leaves ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while not list(tmp_path.glob(".interrupted.tmp*")) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.01)  # wait until the export has started writing, then signal at once: a tiny export can finish
-        # within half a second of it (one CI run, 2026-12-07)
+        time.sleep(0.05)  # wait until the export has started writing
+    time.sleep(0.5)
     assert list(tmp_path.glob(".interrupted.tmp*")), "the export never started writing"
     p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
