@@ -96,7 +96,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
             **kw,
         )
     if pre != dst:
-        quantize_experts(pre, dst, bits=8, block_size=INT8_EXPERT_BLOCKS)
+        quantize_experts(pre, dst, bits=8, block_sizes=INT8_EXPERT_BLOCKS)
         for f in pre.parent.glob(pre.name + "*"):
             f.unlink()
 
@@ -207,19 +207,18 @@ def _qmoe(
     out: _DataFile,
     inits: list,
     bits: int,
-    block_size: int | tuple[int, ...] = 0,
+    block_sizes: tuple[int, ...] = (),
     accuracy_level: int = 0,
 ) -> list | None:
     """A com.microsoft MoE node -> QMoE with the same routing input and attributes, the experts quantized one at a
-    time by quantize_rows (by blocks of the first block_size that divides the hidden and expert widths, else one scale
-    per row); accuracy_level as MatMulNBits' (4: int8 activations by blocks)."""
+    time by quantize_rows (by blocks of the first of block_sizes that divides the hidden and expert widths, else one
+    scale per row); accuracy_level as MatMulNBits' (4: int8 activations by blocks)."""
     from onnx import helper, numpy_helper
 
     if node.op_type != "MoE" or node.domain != "com.microsoft":
         return None
     hidden, width = w.tensors[node.input[4]].dims[1:]
-    sizes = block_size if isinstance(block_size, tuple) else (block_size,)
-    block = next((b for b in sizes if b and width % b == 0 and hidden % b == 0), 0)
+    block = next((b for b in block_sizes if width % b == 0 and hidden % b == 0), 0)
     names = []
     for k in (2, 4):
         arr = w.array(node.input[k])
@@ -247,10 +246,10 @@ def has_experts(path: Path) -> bool:
 
 
 def quantize_experts(
-    src: Path, dst: Path, bits: int, block_size: int | tuple[int, ...] = 0, accuracy_level: int = 0
+    src: Path, dst: Path, bits: int, block_sizes: tuple[int, ...] = (), accuracy_level: int = 0
 ) -> None:
     """Every MoE node of src -> QMoE (see _qmoe), written to dst; everything else unchanged."""
-    _rewrite(src, dst, lambda node, w, out, inits: _qmoe(node, w, out, inits, bits, block_size, accuracy_level))
+    _rewrite(src, dst, lambda node, w, out, inits: _qmoe(node, w, out, inits, bits, block_sizes, accuracy_level))
 
 
 def quantize_int8_streaming(src: Path, dst: Path) -> None:
@@ -327,11 +326,12 @@ def quantize_int8_streaming(src: Path, dst: Path) -> None:
 def quantize_int4(
     src: Path, dst: Path, block_size: int = 32, external: bool | None = None, bits: int = 4, accuracy_level: int = 0
 ) -> None:
-    """MatMulNBits / GatherBlockQuantized through onnxruntime's MatMulNBitsQuantizer (bits=8: w8a32, int8 weights
-    by blocks with fp32 activations). MoE experts are turned into QMoE first, streaming, so that the quantizer
-    (which holds the graph in memory) never sees them in fp32. With 4 bits the LM head and the embedding take 8, as
-    llama.cpp's 4-bit files keep them (SmolLM2-135M-Instruct.Q4_1.gguf: token_embd Q8_0): on the converted SmolLM2
-    an all-4-bit graph cost +111% perplexity."""
+    """MatMulNBits through onnxruntime's MatMulNBitsQuantizer (bits=8: w8a32, int8 weights by blocks with fp32
+    activations; accuracy_level 4: int8 activations by blocks), the embedding Gather per-row int8. MoE experts are
+    turned into QMoE first, streaming, so that the quantizer (which holds the graph in memory) never sees them in
+    fp32. With 4 bits the LM head and the embedding take 8, as llama.cpp's 4-bit files keep them
+    (SmolLM2-135M-Instruct.Q4_1.gguf: token_embd Q8_0): on the converted SmolLM2 an all-4-bit graph cost +111%
+    perplexity."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -339,23 +339,21 @@ def quantize_int4(
         raise InputError(f"int4 block size must be a power of two >= 16, got {block_size}")
     pre = dst.with_name(".pre-" + dst.name)
     if has_experts(src):
-        quantize_experts(src, pre, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+        quantize_experts(src, pre, bits=bits, block_sizes=(block_size,), accuracy_level=accuracy_level)
         src = pre
     model = onnx.load(str(src))
     heads = [n.name for n in model.graph.node if n.op_type == "MatMul" and LOGITS in n.output] if bits == 4 else []
-    for b, include in ((bits, None), (8, heads)):
-        if include == []:
-            continue
+    passes = [(bits, {"nodes_to_exclude": heads})] + ([(8, {"nodes_to_include": heads})] if heads else [])
+    for b, nodes in passes:
         q = MatMulNBitsQuantizer(
             model,
             bits=b,
             block_size=block_size,
             is_symmetric=True,  # asymmetric (Q4_1's form) measured no better: +79% against +85% on SmolLM2
             accuracy_level=accuracy_level or None,
-            nodes_to_exclude=heads if include is None else None,
-            nodes_to_include=include,
             op_types_to_quantize=("MatMul",),  # its Gather takes 4 bits only: the embedding is per-row int8 below
             quant_axes=(("MatMul", 0),),
+            **nodes,
         )
         q.process()
         model = q.model.model
