@@ -103,6 +103,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 # ---- convert: export, parity, demo ----------------------------------------------------------------------------------
 def cmd_convert(a: argparse.Namespace) -> int:
     from mla_edge.models.convert import convert_checkpoint
+    from mla_edge.models.heal import HealOptions, heal_checkpoint, heal_line
 
     out = Path(a.out)
     if out.exists() and not (a.force and (out / "config.json").is_file() and (out / ".mla-edge-convert").is_file()):
@@ -111,22 +112,36 @@ def cmd_convert(a: argparse.Namespace) -> int:
             if not a.force
             else f"output folder {out} is not an earlier `mla-edge convert` output, so --force will not replace it"
         )
+    if not a.heal_tokens and (a.resume or a.heal_text or a.heldout_text):
+        raise UserError("--resume, --heal-text and --heldout-text are healing options: pass --heal-tokens N too")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output folder {out} is not writable (no write permission on {parent})")
-    info = convert_checkpoint(
-        a.src, out, a.kv_lora_rank, a.rope_dim, a.calibration_text, windows=a.windows, window=a.window
-    )
+    if a.heal_tokens:
+        opts = HealOptions(
+            a.heal_tokens, a.heal_seq, a.heal_batch, a.heal_lr, a.seed, a.heldout_tokens, a.checkpoint_minutes * 60
+        )
+        info = heal_checkpoint(
+            a.src, out, a.kv_lora_rank, a.rope_dim, a.calibration_text, opts, a.heal_text, a.heldout_text,
+            a.windows, a.window, a.resume, progress=not a.json,
+        )  # fmt: skip
+    else:
+        info = convert_checkpoint(
+            a.src, out, a.kv_lora_rank, a.rope_dim, a.calibration_text, windows=a.windows, window=a.window
+        )
     if a.json:
         _print_json(info)
-    else:
-        print(
-            f"converted {a.src} -> {out} (DeepSeek-V3 format, MLA): cache {info['cache_elements_per_token_per_layer']} "
-            f"elements/token/layer vs GQA {info['gqa_elements']} and MHA {info['mha_elements']} "
-            f"({info['vs_mha']:.1%} of MHA); calibrated on {info['calibration_tokens']} tokens"
-        )
+        return 0
+    print(
+        f"converted {a.src} -> {out} (DeepSeek-V3 format, MLA): cache {info['cache_elements_per_token_per_layer']} "
+        f"elements/token/layer vs GQA {info['gqa_elements']} and MHA {info['mha_elements']} "
+        f"({info['vs_mha']:.1%} of MHA)"
+        + (f"; calibrated on {info['calibration_tokens']} tokens" if not a.heal_tokens else "")
+    )
+    if a.heal_tokens:
+        print(heal_line(info["healed"]))
     return 0
 
 

@@ -27,6 +27,33 @@ def _positive(name: str, zero_ok: bool = False) -> Callable[[str], int]:
     return parse
 
 
+def _positive_float(name: str, zero_ok: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got {text!r}") from None
+        if not x == x or x in (float("inf"), float("-inf")) or x < 0 or (x == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"{name} expects a {'non-negative' if zero_ok else 'positive'} number")
+        return x
+
+    return parse
+
+
+def _token_count(text: str) -> int:
+    """--heal-tokens: 200000, 2e5, 200k or 1M."""
+    scale = {"k": 10**3, "m": 10**6}.get(text[-1:].lower(), 1)
+    try:
+        n = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--heal-tokens expects a token count (200000, 2e5, 200k), got {text!r}"
+        ) from None
+    if not 0 <= n < 1e12 or n != int(n):
+        raise argparse.ArgumentTypeError(f"--heal-tokens expects a whole, non-negative token count, got {text!r}")
+    return int(n)
+
+
 def _path(name: str, kind: Callable[[str], Any] = str) -> Callable[[str], Any]:
     """A path flag that refuses an empty value (`-o ""` would otherwise mean the default, or the current folder)."""
 
@@ -161,6 +188,38 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     count(p, "--windows", 32, "calibration windows")
     count(p, "--window", 512, "tokens per calibration window")
     p.add_argument("--force", action="store_true", help="replace MODEL_DIR if an earlier convert wrote it")
+    p.add_argument(
+        "--heal-tokens",
+        type=_token_count,
+        default=0,
+        metavar="N",
+        help="then heal: distil the original into the new attention on N tokens (200k, 2e5; 0: no healing)",
+    )
+    p.add_argument(
+        "--heal-text",
+        nargs="+",
+        type=_path("--heal-text", Path),
+        metavar="FILE",
+        help="texts to heal on (.txt or .txt.xz; default: the calibration text)",
+    )
+    p.add_argument(
+        "--heldout-text",
+        type=_path("--heldout-text", Path),
+        metavar="FILE",
+        help="text scored before and after healing (default: the end of the healing text, held out)",
+    )
+    count(p, "--heldout-tokens", 4096, "held-out tokens scored")
+    count(p, "--heal-seq", 256, "tokens per healing window")
+    count(p, "--heal-batch", 4, "windows per healing step")
+    p.add_argument("--heal-lr", type=_positive_float("--heal-lr"), default=1e-4, help="peak learning rate")
+    count(p, "--seed", 0, "healing's batch order", zero=True)
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=_positive_float("--checkpoint-minutes", zero_ok=True),
+        default=5.0,
+        help="save the healing state this often (also on Ctrl-C)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted healing run (MODEL_DIR.heal-state)")
 
     p = command("export", h.cmd_export, "export a model to ONNX with an explicit latent cache, and quantize it")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])

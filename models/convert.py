@@ -261,30 +261,42 @@ def calibration_windows(ids: list[int], windows: int, length: int, seed: int = 0
     return [ids[s : s + length] for s in starts]
 
 
-def convert_checkpoint(
-    src: str | Path,
-    out: str | Path,
-    kv_lora_rank: int,
-    rope_dim: int,
-    calibration_text: str | Path,
-    windows: int = 32,
-    window: int = 512,
-) -> dict:
-    """A llama GGUF file or Hugging Face llama folder -> a DeepSeek-V3 MLA checkpoint folder (config.json,
-    model.safetensors, tokenizer files, chat template), written atomically; returns a summary."""
+@dataclass
+class Source:
+    """A llama model read for conversion: its config dict, fp32 state dict (HF names), tokenizer and the text files
+    the converted folder carries over (tokenizer, chat template, generation config)."""
+
+    path: Path
+    cfg: dict
+    state: dict[str, torch.Tensor]
+    tokenizer: Any
+    files: dict[str, str]
+
+    def llama(self) -> Any:
+        """The source as transformers' LlamaForCausalLM (eager attention, eval mode), sharing the state's tensors."""
+        import transformers as tf
+
+        cfg = tf.LlamaConfig(**{k: v for k, v in self.cfg.items() if k not in ("architectures", "model_type")})
+        cfg._attn_implementation = "eager"
+        with torch.device("meta"):
+            llama = tf.LlamaForCausalLM(cfg)
+        llama.load_state_dict(self.state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            llama.tie_weights()
+        llama.model.rotary_emb = type(llama.model.rotary_emb)(cfg)  # its buffers were on the meta device
+        return llama.eval()
+
+
+def read_source(src: str | Path) -> Source:
+    """A llama GGUF file or Hugging Face llama folder, read and checked (one ConvertError line when it cannot be)."""
     import json
 
-    import transformers as tf
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from .checkpoint import atomic_folder
     from .gguf_llama import build_tokenizer, read_gguf
 
-    src, out = Path(src), Path(out)
-    calibration_text = Path(calibration_text)
-    if not calibration_text.is_file():
-        raise ConvertError(f"calibration text {calibration_text} not found (pass --calibration-text FILE)")
+    src = Path(src)
     if not src.exists():
         raise ConvertError(f"{src} not found (a llama .gguf file or Hugging Face llama folder)")
     files: dict[str, str] = {}
@@ -308,18 +320,37 @@ def convert_checkpoint(
                 files[name] = (src / name).read_text()
     else:
         raise ConvertError(f"{src} is neither a .gguf file nor a Hugging Face model folder with a config.json")
+    llama_shape(cfg)  # refuses what cannot be mapped before anything is computed
+    return Source(src, cfg, {k: v.float() for k, v in state.items()}, tok, files)
+
+
+def convert_checkpoint(
+    src: str | Path | Source,
+    out: str | Path,
+    kv_lora_rank: int,
+    rope_dim: int,
+    calibration_text: str | Path,
+    windows: int = 32,
+    window: int = 512,
+) -> dict:
+    """A llama GGUF file or Hugging Face llama folder (or one already read) -> a DeepSeek-V3 MLA checkpoint folder
+    (config.json, model.safetensors, tokenizer files, chat template), written atomically; returns a summary."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_folder
+
+    out = Path(out)
+    calibration_text = Path(calibration_text)
+    if not calibration_text.is_file():
+        raise ConvertError(f"calibration text {calibration_text} not found (pass --calibration-text FILE)")
+    source = src if isinstance(src, Source) else read_source(src)
+    cfg, files = source.cfg, source.files
     shape = llama_shape(cfg)
     check_ranks(shape, kv_lora_rank, rope_dim)
-    llama_cfg = tf.LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-    llama_cfg._attn_implementation = "eager"
-    with torch.device("meta"):
-        llama = tf.LlamaForCausalLM(llama_cfg)
-    llama.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
-    if llama_cfg.tie_word_embeddings:
-        llama.tie_weights()
-    llama.model.rotary_emb = type(llama.model.rotary_emb)(llama_cfg)  # its buffers were on the meta device
-    llama.eval()
-    ids = tok.encode(calibration_text.read_text(encoding="utf-8")).ids
+    llama = source.llama()
+    ids = source.tokenizer.encode(calibration_text.read_text(encoding="utf-8")).ids
     calib = calibration_windows(ids, windows, window)
     inputs = attention_inputs(llama, calib)
     new = convert_state(llama.state_dict(), inputs, shape, kv_lora_rank, rope_dim)
@@ -331,13 +362,13 @@ def convert_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, text in files.items():
             (tmp / name).write_text(text)
-        marker = {"source": str(src), **summary(shape, kv_lora_rank, rope_dim)}
+        marker = {"source": str(source.path), **summary(shape, kv_lora_rank, rope_dim)}
         (tmp / ".mla-edge-convert").write_text(json.dumps(marker) + "\n")  # what --force may replace
         if "generation_config.json" not in files:
             gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return {
-        "source": str(src),
+        "source": str(source.path),
         "out": str(out),
         "calibration_tokens": sum(len(w) for w in calib),
         **summary(shape, kv_lora_rank, rope_dim),

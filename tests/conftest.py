@@ -235,3 +235,38 @@ def pytest_terminal_summary(terminalreporter):
         for key, value in getattr(report, "user_properties", []) if report.when == "call" else []:
             if key == "summary":
                 terminalreporter.write_line(value)
+
+
+def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16, eps=1e-6, norm=1.0):
+    """A seeded transformers LlamaForCausalLM (GQA) saved with a word-level tokenizer, and calib.txt beside it."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tf.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=eps,
+    )
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norm < 1: small attention inputs, so a small latent (as SmolLM2's trained norms give)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(norm)
+    src = tmp_path / "llama"
+    model.save_pretrained(src, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    (tmp_path / "calib.txt").write_text(" ".join(f"t{(i * 7) % 97}" for i in range(3000)))
+    return model, src

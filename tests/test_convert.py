@@ -6,45 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 
 from mla_edge.models.checkpoint import load_model
 from mla_edge.models.convert import ConvertError, convert_checkpoint
 
 TEXT = " ".join(f"word{i % 37} and {i % 11} more text," for i in range(600))
-
-
-def tiny_llama(tmp_path, heads=4, kv_heads=2, head_dim=16, eps=1e-6, norm=1.0):
-    import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    cfg = tf.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        rms_norm_eps=eps,
-    )
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norm < 1: small attention inputs, so a small latent (as SmolLM2's trained norms give)
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.fill_(norm)
-    src = tmp_path / "llama"
-    model.save_pretrained(src, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(src / "tokenizer.json"))
-    (tmp_path / "calib.txt").write_text(" ".join(f"t{(i * 7) % 97}" for i in range(3000)))
-    return model, src
 
 
 def test_converted_checkpoint_is_deepseek_v3_that_transformers_and_we_read_alike(tmp_path):
@@ -186,30 +153,6 @@ def test_gguf_reads_back_to_the_hugging_face_layout(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ConvertError, match="not a readable GGUF file"):
         read_gguf(tmp_path / "junk.gguf")
-
-
-def test_healing_trains_only_the_new_attention_and_resumes(tmp_path):
-    import lzma
-
-    from mla_edge.models.recipes import heal
-
-    _, src = tiny_llama(tmp_path)
-    convert_checkpoint(src, tmp_path / "mla", 32, 8, tmp_path / "calib.txt", windows=4, window=64)
-    data = tmp_path / "corpus"
-    data.mkdir()
-    for split, seed in (("train", 1), ("valid", 2)):
-        words = np.random.default_rng(seed).integers(0, 97, 4000)
-        with lzma.open(data / f"{split}.txt.xz", "wt") as f:
-            f.write(" ".join(f"t{w}" for w in words))
-    args = ["--teacher", str(src), "--student", str(tmp_path / "mla"), "--data", str(data)]
-    args += ["--out", str(tmp_path / "h"), "--seq", "32", "--batch", "2", "--save-every", "1"]
-    assert heal.main([*args, "--tokens", "128"]) == 0  # 2 steps
-    assert heal.main([*args, "--tokens", "256", "--resume"]) == 0  # 2 more, from the saved state
-    log = json.loads((tmp_path / "h" / "heal_log.json").read_text())
-    assert [p["step"] for p in log["points"]] == [1, 2, 3, 4]
-    before, after = load_model(tmp_path / "mla"), load_model(tmp_path / "h" / "model")
-    changed = {n for (n, p), q in zip(before.named_parameters(), after.parameters()) if not torch.equal(p, q)}
-    assert changed and all(any(f".self_attn.{t}." in n for t in heal.TRAINED) for n in changed)
 
 
 def test_smollm2_demo_names_the_missing_package_and_file(monkeypatch, capsys, tmp_path):

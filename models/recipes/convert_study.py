@@ -4,7 +4,7 @@ function on the same tokens, and drawn as a curve (plus healing's recovery).
 python -m mla_edge.models.recipes.convert_study score --out study.json --text eltec=valid.txt.xz \
     --model "original GQA=smol-hf:384:original" --model "R256 training-free=smollm2-mla:288:training-free" \
     --model "R256 healed int8=heal-onnx@w8a32:288:healed" [--tokens 8192] [--window 512]
-python -m mla_edge.models.recipes.convert_study plot study.json --heal-log R256=runs/heal/heal_log.json --out curve.png
+python -m mla_edge.models.recipes.convert_study plot study.json --heal-log R256=smollm2-healed --out curve.png
 
 A model is LABEL=PATH:CACHE_ELEMENTS:KIND: PATH a Hugging Face llama folder (transformers), an MLA folder (our
 PyTorch model), or an export folder with @PRECISION (onnxruntime). Rows are appended to --out, so a long study can
@@ -133,9 +133,13 @@ def plot(a: argparse.Namespace) -> int:
         ax = axes[-1]
         for spec, style in zip(a.heal_log, ("g.-", "c.-", "m.-", "y.-")):
             label, _, path = spec.rpartition("=")
-            pts = json.loads(Path(path).read_text())["points"]
-            xs, ys = [p["tokens"] / 1e6 for p in pts], [float(np.exp(p["valid_ce"])) for p in pts]
-            ax.plot(xs, ys, style, label=label or Path(path).parent.name)
+            if Path(path).is_dir():  # a folder `mla-edge convert --heal-tokens` wrote: its marker holds the curve
+                pts = json.loads((Path(path) / ".mla-edge-convert").read_text())["healed"]["curve"]["points"]
+                xs, ys = [p["tokens"] / 1e6 for p in pts], [p["ppl"] for p in pts]
+            else:  # the old recipe's heal_log.json
+                pts = json.loads(Path(path).read_text())["points"]
+                xs, ys = [p["tokens"] / 1e6 for p in pts], [float(np.exp(p["valid_ce"])) for p in pts]
+            ax.plot(xs, ys, style, label=label or Path(path).name)
         ax.legend(fontsize=7)
         ax.set_xlabel("healing tokens (millions)")
         ax.set_ylabel("held-out perplexity (256-token windows)")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--window", type=int, default=512)
     p = sub.add_parser("plot")
     p.add_argument("results", type=Path)
-    p.add_argument("--heal-log", action="append", metavar="[LABEL=]FILE", help="heal_log.json of a healing run")
+    p.add_argument("--heal-log", action="append", metavar="[LABEL=]PATH",
+                   help="a healed model folder (mla-edge convert --heal-tokens) or an old heal_log.json")  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     return score(a) if a.cmd == "score" else plot(a)
