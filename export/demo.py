@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,41 @@ def smollm2_gguf(path: str | Path | None = None) -> Path:
     return found
 
 
+HEAL_TOKENS_PER_MINUTE = 4_900  # measured on this project's 2-core machine (README, convert section)
+
+
+def _healed(
+    src: Path, model_dir: Path, rank: int, rope_dim: int, calibration: Path, tokens: int, refresh: bool, say: Any
+) -> Path | None:
+    """The healed model to use: healed now on `tokens` tokens (cached; an interrupted run resumes), else the cached
+    one with the most healing, else None."""
+    from mla_edge.models.heal import HealOptions, heal_checkpoint, heal_line, state_folder
+
+    def healing(d: Path) -> int:
+        try:
+            return int(json.loads((d / ".mla-edge-convert").read_text())["healed"]["heal_tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    if tokens:
+        out = model_dir.with_name(f"{model_dir.name}-healed{tokens}")
+        if refresh or not healing(out):
+            say(f"\n== 1b. heal: {tokens:,} tokens of distillation from the original -> {out}")
+            if refresh and out.exists() and healing(out):
+                shutil.rmtree(out)  # ours: --refresh redoes it
+            info = heal_checkpoint(
+                src, out, rank, rope_dim, calibration, HealOptions(tokens), [DEMO_DIR / "heal.txt.xz"],
+                DEMO_DIR / "heldout.txt", resume=state_folder(out).exists(), converted=model_dir,
+            )  # fmt: skip
+            say("   " + heal_line(info["healed"]))
+        return out
+    found = sorted((healing(d), d.name, d) for d in model_dir.parent.glob(f"{model_dir.name}-healed*") if healing(d))
+    if found:
+        say(f"   using the cached healed model {found[-1][2].name} ({found[-1][0]:,} tokens of healing)")
+        return found[-1][2]
+    return None
+
+
 def run_smollm2_demo(
     gguf: str | Path | None = None,
     kv_lora_rank: int = 256,
@@ -136,9 +172,11 @@ def run_smollm2_demo(
     max_new_tokens: int = 48,
     refresh: bool = False,
     out: TextIO = sys.stdout,
+    heal_tokens: int = 0,
 ) -> dict:
-    """Convert the GGUF to MLA (cached), export fp32 + int8-block (cached), check parity, chat greedily with each
-    prompt, and compare the cache with the original's. Returns everything measured."""
+    """Convert the GGUF to MLA (cached), heal it on heal_tokens tokens if asked (cached, resumable), export fp32 +
+    int8-block (cached), check parity, chat greedily with each prompt, and compare the cache with the original's.
+    The healed model with the most healing in the cache is used when there is one. Returns everything measured."""
     from mla_edge.models.convert import CONVERT_REVISION, convert_checkpoint
 
     def say(line: str = "") -> None:
@@ -149,9 +187,8 @@ def run_smollm2_demo(
     with src.open("rb") as f:  # the first MiB names the weights well enough for a cache key (header + first tensors)
         tag = hashlib.sha256(f.read(2**20) + str(src.stat().st_size).encode()).hexdigest()[:12]
     model_dir = cache_root() / f"{src.stem}-mla-r{kv_lora_rank}-d{rope_dim}-c{CONVERT_REVISION}-{tag}"
-    export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}.{EXPORT_REVISION}")
     calibration = DEMO_DIR / "convert_calibration.txt"
-    report: dict = {"gguf": str(src), "model_dir": str(model_dir), "export_dir": str(export_dir)}
+    report: dict = {"gguf": str(src), "model_dir": str(model_dir)}
 
     say(f"== 1. convert GQA -> MLA: {src.name} -> {model_dir}")
     marker = model_dir / ".mla-edge-convert"
@@ -161,9 +198,16 @@ def run_smollm2_demo(
         say(f"   converted in {time.time() - t:.0f} s (calibrated on {info['calibration_tokens']:,} tokens of novels)")
     else:
         say("   cached conversion found (use --refresh to redo it)")
-    cfg = MLAConfig.from_pretrained(model_dir)
     sizes = json.loads(marker.read_text())  # convert's summary: the original's cache sizes too
     report["cache"] = sizes
+    healed = _healed(src, model_dir, kv_lora_rank, rope_dim, calibration, heal_tokens, refresh, say)
+    if healed is not None:
+        report["healed"] = json.loads((healed / ".mla-edge-convert").read_text())["healed"]
+        model_dir = healed
+    report["model_dir"] = str(model_dir)
+    export_dir = model_dir.with_name(model_dir.name + f"-onnx-v{FORMAT_VERSION}.{EXPORT_REVISION}")
+    report["export_dir"] = str(export_dir)
+    cfg = MLAConfig.from_pretrained(model_dir)
 
     say(f"\n== 2. export: ONNX fp32 + int8-block (int8 weights and activations by blocks of 32) -> {export_dir}")
     man = _cached_export(model_dir, export_dir, "int8-block", refresh, say)
@@ -200,10 +244,13 @@ def run_smollm2_demo(
         per_token = el * cfg.num_hidden_layers * 2  # fp16: our default latent and llama.cpp's default cache alike
         mib = per_token * ctx / 2**20
         say(f"   {label:16s} {el:5d} elements/token/layer  {per_token:7,d} B/token  {mib:5.0f} MiB @ {ctx} tok, fp16")
-    say(
-        "   training-free conversion: expect repetition in the answers; "
-        "`python -m mla_edge.models.recipes.heal` recovers most of the loss (see the README)"
-    )
+    if healed is None:
+        say(
+            "   training-free conversion: expect repetition in the answers; healing recovers most of the loss: "
+            f"`mla-edge demo --model smollm2 --heal-tokens 200k` makes a healed model (about "
+            f"{200_000 / HEAL_TOKENS_PER_MINUTE:.0f} min on this project's 2-core machine; resumable: rerun it after "
+            "an interruption) and the demo uses it from then on"
+        )
     report["seconds"] = time.time() - t_start
     say(f"\nchat with it: mla-edge chat {export_dir}")
     say(f"\ndone in {report['seconds']:.0f} s")

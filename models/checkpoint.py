@@ -10,8 +10,11 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -216,7 +219,7 @@ def read_state_dict(
     state = {}
     for path, names in by_file.items():
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with _interrupts_kept() as interrupted, safe_open(str(path), framework="pt") as f:
                 whole: dict[str, torch.Tensor] = {}  # stacked expert tensors, read once per file
                 for n in names:
                     if n in stacked:
@@ -238,8 +241,34 @@ def read_state_dict(
         except CheckpointError:
             raise
         except Exception as e:
+            if interrupted:  # torch's C code turned the KeyboardInterrupt into an error of its own: raise it again
+                interrupted[0]()
             raise CheckpointError(f"cannot read {path.name}: {e}") from None
     return state
+
+
+@contextlib.contextmanager
+def _interrupts_kept() -> Iterator[list[Callable[[], None]]]:
+    """Ctrl-C or SIGTERM while torch reads a tensor: its handler's exception may surface inside torch's C code as a
+    TypeError about storages. This notes the signal, so the reader can raise the interrupt instead of a read error."""
+    seen: list[Callable[[], None]] = []
+    saved: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+
+                def note(n: int, frame: Any, previous: Callable = previous) -> None:
+                    seen.append(lambda: previous(n, None))
+                    previous(n, frame)
+
+                saved[signum] = previous
+                signal.signal(signum, note)
+    try:
+        yield seen
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
 
 
 def load_model(

@@ -59,6 +59,10 @@ class HealOptions:
         return max(1, math.ceil(self.tokens / (self.seq * self.batch)))
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def state_folder(out: Path) -> Path:
     return out.with_name(out.name + ".heal-state")
 
@@ -99,7 +103,9 @@ def split_texts(
     heldout_tokens, or, without one, the healing text's last heldout_tokens (never trained on; at most a tenth)."""
     train = np.concatenate([np.asarray(source.tokenizer.encode(read_text(p)).ids, np.int64) for p in heal_texts])
     if heldout_text is not None:
-        held = np.asarray(source.tokenizer.encode(read_text(heldout_text)).ids, np.int64)[: opts.heldout_tokens + 1]
+        text = read_text(heldout_text)  # only its start is scored: a prefix ample for heldout_tokens is tokenized
+        held = np.asarray(source.tokenizer.encode(text[: 32 * (opts.heldout_tokens + 1)]).ids, np.int64)
+        held = held[: opts.heldout_tokens + 1]
     else:
         n = min(opts.heldout_tokens + 1, len(train) // 10)
         train, held = train[: len(train) - n], train[len(train) - n :]
@@ -145,8 +151,9 @@ class _Stop:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
         print(
-            "\nmla-edge convert: stopping after this step to save the healing state (Ctrl-C again to stop at once)",
+            f"\nmla-edge convert: stopping after this step to save the healing state{again}",
             file=sys.stderr,
             flush=True,
         )
@@ -295,9 +302,11 @@ def heal_checkpoint(
     window: int = 512,
     resume: bool = False,
     progress: bool = True,
+    converted: Path | None = None,
 ) -> dict:
     """convert_checkpoint, then healing; OUT is written once, at the end. Returns the summary (held-out perplexity
-    of the original, the training-free conversion and the healed model, tokens, seconds)."""
+    of the original, the training-free conversion and the healed model, tokens, seconds). `converted`: a folder
+    that convert_checkpoint already wrote with these same settings, copied instead of converting again."""
     out, calibration_text = Path(out), Path(calibration_text)
     heal_texts = [Path(p) for p in (heal_texts or [calibration_text])]
     for p in [calibration_text, *heal_texts, *([heldout_text] if heldout_text else [])]:
@@ -313,7 +322,8 @@ def heal_checkpoint(
     if state.folder.exists() and saved_run is None:
         raise ConvertError(f"{state.folder} exists but is not a healing state (no {RUN_FILE}); it was left alone")
     t0 = time.time()
-    source = read_source(src)
+    say = _say if progress else (lambda line: None)
+    source = read_source(src)  # no progress line before the input is checked: bad input gets one line
     run = _run_record(source, kv_lora_rank, rope_dim, calibration_text, windows, window, heal_texts, heldout_text, opts)
     if saved_run is not None:
         why = _differs(saved_run, run)
@@ -326,14 +336,14 @@ def heal_checkpoint(
     if saved_run is None:
         state.start(run)
     with state.locked():
-        result = _heal(state, source, run, train_ids, held_ids, out, opts, progress)
+        result = _heal(state, source, run, train_ids, held_ids, out, opts, say, converted)
     shutil.rmtree(state.folder, ignore_errors=True)  # ours (run.json, our lock), finished: the state folder goes
     return {**result, "seconds": round(time.time() - t0, 1)}
 
 
 def _heal(
     state: HealState, source: Source, run: dict, train_ids: np.ndarray, held_ids: np.ndarray, out: Path,
-    opts: HealOptions, progress: bool,
+    opts: HealOptions, say: Any, reuse: Path | None,
 ) -> dict:  # fmt: skip
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -343,7 +353,13 @@ def _heal(
 
     converted = state.folder / "converted"
     calib = run["calibration"]
+    if not (converted / "config.json").is_file() and reuse is not None:
+        with atomic_folder(converted) as tmp:
+            for f in reuse.iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
     if not (converted / "config.json").is_file():
+        say(f"converting (training-free) into {converted}")
         convert_checkpoint(
             source, converted, run["kv_lora_rank"], run["rope_dim"], calib["path"], calib["windows"], calib["window"]
         )
@@ -364,6 +380,7 @@ def _heal(
 
     loaded = state.load()
     if loaded is None:
+        say(f"scoring {len(held_ids) - 1:,} held-out tokens with the original and the converted model")
         t = time.time()
         before = {
             "original": perplexity(lambda x: teacher(input_ids=x).logits, held_ids, opts.seq),
@@ -392,7 +409,7 @@ def _heal(
     last_save = time.time()
     with (
         _Stop().installed() as stop,
-        tqdm(total=steps, initial=step, desc="heal", unit="step", disable=not progress, file=sys.stderr) as bar,
+        tqdm(total=steps, initial=step, desc="heal", unit="step", disable=say is not _say, file=sys.stderr) as bar,
     ):
         while step < steps and stop.signum is None:
             t = time.time()
@@ -420,6 +437,7 @@ def _heal(
                 save()
                 last_save = time.time()
         if stop.signum is not None:
+            bar.close()
             if step < steps:
                 print(
                     f"mla-edge convert: healing state saved at step {step} of {steps} in {state.folder}; "
@@ -428,6 +446,7 @@ def _heal(
                 )
             return {}  # the signal is raised again when the handlers are restored
     save()  # a kill during the last evaluation or the publishing loses no training
+    say(f"scoring the healed model; writing {out}")
     student.eval()
     after = perplexity(logits, held_ids, opts.seq)
     cfg = source.cfg

@@ -219,3 +219,42 @@ def test_legacy_rope_scaling_fields_map():
     assert cfg.rope_theta == 5e4 and cfg.rope_scaling.factor == 40 and cfg.rope_scaling.mscale_all_dim == 0.707
     assert cfg.softmax_scale == pytest.approx(4**-0.5 * (0.1 * 0.707 * __import__("math").log(40) + 1) ** 2)
     assert MLAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ctrl_c_while_a_tensor_is_read_stays_an_interrupt(tiny_ckpt, monkeypatch):
+    """Ctrl-C during a read can surface inside torch's C code as a TypeError about storages (seen on SmolLM2's
+    safetensors: `mla-edge export` then said "cannot read model.safetensors", exit 2); it must stay an interrupt."""
+    import os
+    import signal
+    import time
+
+    import safetensors
+
+    real = safetensors.safe_open
+
+    class Swallowing:  # what torch did: the handler's KeyboardInterrupt caught in C, another error raised
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+            raise AssertionError("no SIGINT arrived")
+
+    monkeypatch.setattr(safetensors, "safe_open", Swallowing)
+    with pytest.raises(KeyboardInterrupt):
+        load_model(tiny_ckpt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the reader's handler is gone again

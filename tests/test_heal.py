@@ -156,3 +156,27 @@ def test_a_state_folder_not_ours_or_in_use_is_left_alone(tmp_path, monkeypatch, 
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert main(_args(tmp_path, tmp_path / "out", "--heal-tokens", "640", "--resume")) == 0  # the real one resumes
     assert not state.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_smollm2_demo_heals_once_then_uses_the_most_healed_model(tmp_path):
+    """`demo --model smollm2 --heal-tokens N` heals the cached conversion (copied, not converted again) into
+    MODEL-healedN; without --heal-tokens the cached healed model with the most healing is used."""
+    from mla_edge.export.demo import _healed
+
+    tiny_llama(tmp_path)
+    src, model_dir, lines = tmp_path / "llama", tmp_path / "cache" / "m", []
+    assert (
+        main(["convert", str(src), "-o", str(model_dir), "--calibration-text", str(tmp_path / "calib.txt"), *SMALL])
+        == 0
+    )
+    assert _healed(src, model_dir, 32, 8, tmp_path / "calib.txt", 0, False, lines.append) is None
+    healed = _healed(src, model_dir, 32, 8, tmp_path / "calib.txt", 1024, False, lines.append)
+    assert healed == tmp_path / "cache" / "m-healed1024" and "heal: 1,024 tokens" in lines[0]
+    marker = json.loads((healed / ".mla-edge-convert").read_text())
+    assert marker["healed"]["heal_tokens"] == 1024 and marker["cache_elements_per_token_per_layer"] == 40
+    few = tmp_path / "cache" / "m-healed99"
+    few.mkdir()
+    (few / ".mla-edge-convert").write_text(json.dumps({"healed": {"heal_tokens": 99}}))
+    lines.clear()
+    assert _healed(src, model_dir, 32, 8, tmp_path / "calib.txt", 0, False, lines.append) == healed
+    assert "m-healed1024 (1,024 tokens of healing)" in lines[0]
