@@ -311,7 +311,7 @@ def heal_checkpoint(
     heal_texts = [Path(p) for p in (heal_texts or [calibration_text])]
     for p in [calibration_text, *heal_texts, *([heldout_text] if heldout_text else [])]:
         if not Path(p).is_file():
-            raise ConvertError(f"text {p} not found")
+            raise ConvertError(f"text {p} {'is not a file' if Path(p).exists() else 'not found'}")
     state = HealState(state_folder(out))
     saved_run = state.run()
     if state.folder.exists() and not resume:
@@ -334,6 +334,8 @@ def heal_checkpoint(
             )
     train_ids, held_ids = split_texts(source, heal_texts, heldout_text, opts)
     if saved_run is None:
+        if resume:
+            say(f"--resume: no interrupted run in {state.folder}; starting one")
         state.start(run)
     with state.locked():
         result = _heal(state, source, run, train_ids, held_ids, out, opts, say, converted)
@@ -433,10 +435,11 @@ def _heal(
                 )
             bar.update(1)
             bar.set_postfix(kl=f"{kls[-1]:.3f}", tok_min=f"{step * opts.seq * opts.batch / seconds * 60:,.0f}")
-            if time.time() - last_save >= opts.checkpoint_seconds or stop.signum is not None:
+            if time.time() - last_save >= opts.checkpoint_seconds:
                 save()
                 last_save = time.time()
-        if stop.signum is not None:
+        if stop.signum is not None:  # the signal may have come after the last save: save this step
+            save()
             bar.close()
             if step < steps:
                 print(
