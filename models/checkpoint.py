@@ -248,27 +248,42 @@ def read_state_dict(
 
 
 @contextlib.contextmanager
-def _interrupts_kept() -> Iterator[list[Callable[[], None]]]:
-    """Ctrl-C or SIGTERM while torch reads a tensor: its handler's exception may surface inside torch's C code as a
-    TypeError about storages. This notes the signal, so the reader can raise the interrupt instead of a read error."""
-    seen: list[Callable[[], None]] = []
+def signal_handlers(make: Callable[[signal.Signals, Any], Any]) -> Iterator[None]:
+    """SIGINT and SIGTERM handled by make(signum, previous handler) while the block runs (None: left as they are),
+    in the main thread only (elsewhere Python allows no handlers); the previous handlers are restored after."""
     saved: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(signum)
-            if callable(previous):
-
-                def note(n: int, frame: Any, previous: Callable = previous) -> None:
-                    seen.append(lambda: previous(n, None))
-                    previous(n, frame)
-
+            handler = make(signum, previous)
+            if handler is not None:
                 saved[signum] = previous
-                signal.signal(signum, note)
+                signal.signal(signum, handler)
     try:
-        yield seen
+        yield
     finally:
         for signum, previous in saved.items():
             signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
+def _interrupts_kept() -> Iterator[list[Callable[[], None]]]:
+    """Ctrl-C or SIGTERM while torch reads a tensor: its handler's exception may surface inside torch's C code as a
+    TypeError about storages. This notes the signal, so the reader can raise the interrupt instead of a read error."""
+    seen: list[Callable[[], None]] = []
+
+    def noting(signum: signal.Signals, previous: Any) -> Any:
+        if not callable(previous):
+            return None
+
+        def note(n: int, frame: Any) -> None:
+            seen.append(lambda: previous(n, None))
+            previous(n, frame)
+
+        return note
+
+    with signal_handlers(noting):
+        yield seen
 
 
 def load_model(

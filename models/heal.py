@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import _alive
+from .checkpoint import _alive, signal_handlers
 from .convert import CONVERT_REVISION, ConvertError, Source, convert_checkpoint, read_source
 
 TRAINED = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
@@ -160,20 +159,10 @@ class _Stop:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Stop]:
-        if threading.current_thread() is not threading.main_thread():
+        with signal_handlers(lambda signum, previous: None if previous is signal.SIG_IGN else self):
             yield self
-            return
-        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s, h in saved.items():
-            if h is not signal.SIG_IGN:
-                signal.signal(s, self)
-        try:
-            yield self
-        finally:
-            for s, h in saved.items():
-                signal.signal(s, h)
-            if self.signum is not None:  # the state is saved: now the interrupt the caller expects
-                signal.raise_signal(self.signum)
+        if self.signum is not None:  # the state is saved and the handlers restored: the interrupt the caller expects
+            signal.raise_signal(self.signum)
 
 
 class HealState:

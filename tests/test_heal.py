@@ -108,7 +108,9 @@ def _interrupted_state(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(heal.HealState, "save", save_then_stop)
+    handler = signal.getsignal(signal.SIGINT)
     assert main(_args(tmp_path, tmp_path / "out", "--heal-tokens", "640")) == 130
+    signal.signal(signal.SIGINT, handler)  # main ignores SIGINT after an interrupt (its exit must not be cut short)
     monkeypatch.setattr(heal.HealState, "save", real)
     state = tmp_path / "out.heal-state"
     assert _step(state) == 1
