@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import _alive, signal_handlers
-from .convert import CONVERT_REVISION, ConvertError, Source, convert_checkpoint, read_source
+from .convert import (
+    CONVERT_REVISION,
+    ConvertError,
+    Source,
+    calibration_windows,
+    check_ranks,
+    convert_checkpoint,
+    llama_shape,
+    read_source,
+)
 
 TRAINED = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 HEAL_REVISION = 1
@@ -313,6 +322,8 @@ def heal_checkpoint(
     t0 = time.time()
     say = _say if progress else (lambda line: None)
     source = read_source(src)  # no progress line before the input is checked: bad input gets one line
+    check_ranks(llama_shape(source.cfg), kv_lora_rank, rope_dim)  # before the state folder exists, as every check
+    calibration_windows(source.tokenizer.encode(read_text(calibration_text)).ids, windows, window)
     run = _run_record(source, kv_lora_rank, rope_dim, calibration_text, windows, window, heal_texts, heldout_text, opts)
     if saved_run is not None:
         why = _differs(saved_run, run)

@@ -182,3 +182,20 @@ def test_the_smollm2_demo_heals_once_then_uses_the_most_healed_model(tmp_path):
     lines.clear()
     assert _healed(src, model_dir, 32, 8, tmp_path / "calib.txt", 0, False, lines.append) == healed
     assert "m-healed1024 (1,024 tokens of healing)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kv-lora-rank", "999"], "--kv-lora-rank must be between 1 and"),
+        (["--window", "5000"], "calibration text is too short"),
+        (["--heal-seq", "4000"], "--heal-seq 4000 needs more"),
+    ],
+)
+def test_bad_conversion_input_with_healing_leaves_no_state_behind(tmp_path, capsys, extra, message):
+    tiny_llama(tmp_path)
+    capsys.readouterr()
+    assert main([*_args(tmp_path, tmp_path / "out", "--heal-tokens", "640"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.heal-state").exists()
