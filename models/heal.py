@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mla_edge.runtime.manifest import sha256
+
 from .checkpoint import _alive, signal_handlers
 from .convert import (
     CONVERT_REVISION,
@@ -42,6 +44,7 @@ from .convert import (
     llama_shape,
     read_source,
 )
+from .recipes.train import lr_at
 
 TRAINED = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 HEAL_REVISION = 1
@@ -91,11 +94,7 @@ def read_text(path: Path) -> str:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256(path)[:16]
 
 
 def _source_tag(src: Path) -> str:
@@ -129,15 +128,6 @@ def batch_at(train: np.ndarray, opts: HealOptions, step: int) -> torch.Tensor:
     rng = np.random.default_rng([opts.seed, step])
     starts = rng.integers(0, len(train) - opts.seq, size=opts.batch)
     return torch.from_numpy(np.stack([train[s : s + opts.seq] for s in starts]))
-
-
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over the first 5% of steps, then a cosine to a tenth of the peak."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -421,7 +411,7 @@ def _heal(
             logp = F.log_softmax(student(x)[0], -1)
             loss = F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, opts.lr)
+                g["lr"] = lr_at(step, steps, opts.lr, max(1, steps // 20))  # 5% warm-up, cosine to 10%
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)

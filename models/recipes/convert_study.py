@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _read(path: Path) -> str:
-    return lzma.open(path, "rt", encoding="utf-8").read() if path.suffix == ".xz" else path.read_text("utf-8")
 
 
 def _scorer(path: str) -> Any:
@@ -69,12 +64,14 @@ def score(a: argparse.Namespace) -> int:
 
     from mla_edge.runtime.sampling import perplexity
 
+    from ..heal import read_text
+
     rows = json.loads(a.out.read_text()) if a.out.is_file() else []
     tok = Tokenizer.from_file(str(a.tokenizer))
     texts = {}
     for spec in a.text:
         name, path = spec.split("=", 1)
-        texts[name] = tok.encode(_read(Path(path))[: a.tokens * 12]).ids[: a.tokens]
+        texts[name] = tok.encode(read_text(Path(path))[: a.tokens * 12]).ids[: a.tokens]
     for spec in a.model:
         label, rest = spec.split("=", 1)
         path, elements, kind = rest.rsplit(":", 2)
