@@ -30,8 +30,8 @@ def mobile_ort_files(tmp: Path, section: dict) -> str:
     with tempfile.TemporaryDirectory(dir=tmp) as work:
         src, out = Path(work) / "src", Path(work) / "out"
         src.mkdir()
-        for e in entries:
-            shutil.copyfile(tmp / e["path"], src / e["path"])
+        for name in {f["path"] for e in entries for f in e["files"]}:  # graphs and their external data
+            shutil.copyfile(tmp / name, src / name)
         with native_chatter():  # its INFO log lines and prints
             convert_onnx_models_to_ort(src, out, optimization_styles=[OptimizationStyle.Runtime], target_platform="arm")
         for e in entries:

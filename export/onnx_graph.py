@@ -220,6 +220,45 @@ def model_files(path: Path) -> list[str]:
     return [path.name, *sorted(extra)]
 
 
+SHARED_MIN_BYTES = 1024  # smaller initializers stay in their graph
+
+
+def share_weights(paths: list[Path], data: Path) -> None:
+    """Several graphs of the same weights (the static protocol's capacities) made to read one external-data file:
+    every initializer of at least SHARED_MIN_BYTES is stored once in `data` (by content), each graph points at it,
+    and the graphs' own data files (written beside them in the same folder) are removed."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, set_external_data
+
+    seen: dict[bytes, tuple[int, int]] = {}
+    own: set[str] = set()
+    protos = []
+    with open(data, "wb") as out:
+        for path in paths:
+            own.update(model_files(path)[1:])
+            proto = onnx.load(str(path))  # with its weights
+            for t in _get_all_tensors(proto):
+                raw = t.raw_data
+                if len(raw) < SHARED_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(raw).digest() + f"{t.data_type} {list(t.dims)}".encode()
+                if key not in seen:
+                    align = 4096 if len(raw) >= 1 << 16 else 64  # big ones page-aligned: onnxruntime may map them
+                    out.write(b"\0" * (-out.tell() % align))
+                    seen[key] = (out.tell(), len(raw))
+                    out.write(raw)
+                offset, length = seen[key]
+                set_external_data(t, data.name, offset, length)
+                t.ClearField("raw_data")
+            protos.append(proto)
+    for path, proto in zip(paths, protos):
+        onnx.save_model(proto, str(path))
+    for name in own - {data.name}:
+        (data.parent / name).unlink(missing_ok=True)
+
+
 def name_dims(proto, specs: dict) -> None:
     """Check the graph's I/O names against the contract and give every dynamic dim its contract name (torch names
     the present length 'past_len + seq')."""

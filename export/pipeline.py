@@ -6,6 +6,7 @@ failure at any stage leaves no half-written export behind.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -20,12 +21,16 @@ from typing import Any
 import numpy as np
 
 from mla_edge.contract import (
+    ATTN_BIAS,
     CACHE_DTYPES,
     FORMAT,
     FORMAT_VERSION,
+    INPUT_IDS,
     MANIFEST,
     MODEL_FILE,
+    POSITION_IDS,
     PRECISIONS,
+    STATIC_CAPACITY_RULE,
     STATIC_MASK_VALUE,
     STATIC_MASK_VALUES,
     STATIC_PRECISIONS,
@@ -37,6 +42,7 @@ from mla_edge.contract import (
     read_user_text,
     static_file,
     static_graph,
+    static_graph_name,
 )
 from mla_edge.models.config import MLAConfig
 from mla_edge.runtime.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, ChatTemplate, eos_ids
@@ -64,7 +70,9 @@ class ExportOptions:
     # None: fp16 (stored half, attended fp32; llama.cpp's default cache type, half of fp32's bytes at +0.00% perplexity
     # on the demo), or fp32 with static_cache (the static protocol keeps an fp32 buffer). "int8": a per-token scale.
     cache_dtype: str | None = None
-    static_cache: int | None = None  # also write the static protocol's graphs, for a buffer of this many tokens
+    # also write the static protocol's graphs, for a buffer of this many tokens; several (256, 1024, 4096): graphs for
+    # each, whose host runs the smallest that holds the sequence (decode then costs what the context uses)
+    static_cache: int | tuple[int, ...] | None = None
     static_chunk: int = 16  # tokens per static prefill chunk
     static_quantize: tuple[str, ...] = ()  # static precisions besides fp32: int8 (CPU), w8a16 / w4a16 / w8a8 (QDQ)
     require_tokenizer: bool = True  # refuse a model folder without a readable tokenizer.json (--no-tokenizer: allow)
@@ -73,7 +81,14 @@ class ExportOptions:
     smooth: float | None = None  # smooth activation outliers into the weights (alpha) before export: models/smooth.py
 
 
-def default_cache_dtype(static_cache: int | None) -> str:
+def static_capacities(static_cache: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """ExportOptions.static_cache as the ascending capacities (the last is the largest); () without it."""
+    if static_cache is None:
+        return ()
+    return (static_cache,) if isinstance(static_cache, int) else tuple(sorted(set(static_cache)))
+
+
+def default_cache_dtype(static_cache: int | tuple[int, ...] | None) -> str:
     """fp16, as llama.cpp's default cache; fp32 where the static protocol's graphs are written too."""
     return "fp32" if static_cache else "fp16"
 
@@ -125,26 +140,31 @@ def export_folder(model_dir: str | Path, out_dir: str | Path, opts: ExportOption
     cfg = MLAConfig.from_pretrained(model_dir)  # clear errors for a missing config.json or a MoE config
     wanted = tuple(dict.fromkeys(p for p in opts.quantize if p != "none"))
     if opts.static_cache is not None:
-        if opts.static_cache < 2 or opts.static_cache > cfg.max_position_embeddings:
+        levels = static_capacities(opts.static_cache)
+        if not levels or levels[0] < 2 or levels[-1] > cfg.max_position_embeddings:
             raise ExportError(
                 f"--static-cache must be between 2 and the model's context "
-                f"({cfg.max_position_embeddings}), got {opts.static_cache}"
+                f"({cfg.max_position_embeddings}), got {','.join(map(str, levels)) or 'nothing'}"
             )
-        if not 1 <= opts.static_chunk < opts.static_cache:
-            raise ExportError(f"--static-chunk must be between 1 and --static-cache - 1, got {opts.static_chunk}")
+        if not 1 <= opts.static_chunk < levels[0]:
+            raise ExportError(
+                f"--static-chunk must be between 1 and the smallest --static-cache - 1 ({levels[0] - 1}), "
+                f"got {opts.static_chunk}"
+            )
+        opts = replace(opts, static_cache=levels[-1] if len(levels) == 1 else levels)
         if cache_dtype != "fp32":
             raise ExportError(
                 f"the static protocol keeps an fp32 cache: drop --cache-dtype {cache_dtype} or --static-cache"
             )
         rs = cfg.rope_scaling
-        if rs is not None and rs.rope_type == "longrope" and opts.static_cache > rs.original_max_position_embeddings:
+        if rs is not None and rs.rope_type == "longrope" and levels[-1] > rs.original_max_position_embeddings:
             raise ExportError(
-                f"--static-cache {opts.static_cache} passes this model's LongRoPE switch at "
+                f"--static-cache {levels[-1]} passes this model's LongRoPE switch at "
                 f"{rs.original_max_position_embeddings} tokens, which the static RoPE table cannot follow"
             )
-        if cfg.attn_scale_original is not None and opts.static_cache > cfg.attn_scale_original:
+        if cfg.attn_scale_original is not None and levels[-1] > cfg.attn_scale_original:
             raise ExportError(
-                f"--static-cache {opts.static_cache} passes this model's query scaling step at "
+                f"--static-cache {levels[-1]} passes this model's query scaling step at "
                 f"{cfg.attn_scale_original} tokens (llama_4_scaling_beta), which the static graphs do not compute"
             )
         for p in opts.static_quantize:
@@ -230,23 +250,33 @@ def _static(
     calib: Path | None,
 ) -> dict:
     """The static protocol's graphs (decode and prefill chunk) in each static precision, and their manifest section.
-    The graphs are traced from a twin of the model built with device_ops (mobile-friendly ops, the same numbers)."""
+    The graphs are traced from a twin of the model built with device_ops (mobile-friendly ops, the same numbers);
+    int8, which is for the CPU, from one with the norms' plain form (onnxruntime fuses each into one node)."""
     from mla_edge.models.mla import MLAForCausalLM, ModelOptions
     from mla_edge.runtime.static import StaticSession
 
     from . import quantize as q
-    from .onnx_graph import export_static, model_files
+    from .onnx_graph import export_static, model_files, share_weights
 
-    device = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=True, rope_in_weights=True)).eval()
-    device.load_state_dict(model.state_dict(), assign=True)  # the same weight tensors: no second copy
-    n, c = opts.static_cache or 0, opts.static_chunk
+    def twin(device_ops: bool) -> MLAForCausalLM:
+        m = MLAForCausalLM(cfg, ModelOptions(graph_weights=True, device_ops=device_ops, rope_in_weights=True)).eval()
+        m.load_state_dict(model.state_dict(), assign=True)  # the same weight tensors: no second copy
+        return m
+
+    device = twin(device_ops=True)
+    cpu_twin = functools.cache(lambda: twin(device_ops=False))
+    levels, c = static_capacities(opts.static_cache), opts.static_chunk
+    n = levels[-1]
     graphs = {
-        "decode": static_graph(contract, cfg.vocab_size, n, 1),
-        "prefill": static_graph(contract, cfg.vocab_size, n, c),
+        static_graph_name(kind, level, n): static_graph(contract, cfg.vocab_size, level, seq)
+        for level in levels
+        for kind, seq in (("decode", 1), ("prefill", c))
     }
     section: dict[str, Any] = {
         "protocol": "static",
         "capacity": n,
+        "capacities": list(levels),
+        "capacity_rule": STATIC_CAPACITY_RULE,
         "chunk": c,
         "mask_value": STATIC_MASK_VALUE,
         "mask_values": {p: STATIC_MASK_VALUES[p] for p in ("fp32", *opts.static_quantize)},
@@ -254,20 +284,37 @@ def _static(
         "graphs": graphs,
         "files": {"fp32": {}},
     }
+
+    def written(p: str, files: list[Path]) -> None:
+        if len(levels) > 1:  # every capacity's graphs read one weights file per precision
+            share_weights(files, tmp / static_file("weights", p).replace(".onnx", ".data"))
+        section["files"][p] = {name: file_entry(tmp, p, model_files(f)) for name, f in zip(graphs, files)}
+
+    files = []
     for name, spec in graphs.items():
-        path = export_static(device, tmp / static_file(name, "fp32"), n, spec["seq"], opts.opset)
-        section["files"]["fp32"][name] = file_entry(tmp, "fp32", model_files(path))
+        level = spec["inputs"][-1]["shape"][1]  # a buffer's slots
+        files.append(export_static(device, tmp / static_file(name, "fp32"), level, spec["seq"], opts.opset))
+    written("fp32", files)
     feeds = None
     for p in opts.static_quantize:
         if p in q.QNN_QDQ and feeds is None:  # the fp32 graphs fed the QDQ graphs' mask (all QDQ share it)
-            session = StaticSession(tmp, "fp32", "cpu", section=section)
+            session = StaticSession(tmp, "fp32", "cpu", section=section, capacity=n)
             session.mask_value = STATIC_MASK_VALUES[p]
             feeds = static_calibration_feeds(session, tokenizer, calib)
-        section["files"][p] = {}
-        for name in graphs:
+        files = []
+        for name, spec in graphs.items():
             src, dst = tmp / static_file(name, "fp32"), tmp / static_file(name, p)
-            q.quantize_int8(src, dst) if p == "int8" else q.quantize_qnn(src, dst, feeds[name], p)  # type: ignore
-            section["files"][p][name] = file_entry(tmp, p, model_files(dst))
+            if p == "int8":  # for the CPU: traced from a twin whose norms onnxruntime fuses into one op each
+                level, src = spec["inputs"][-1]["shape"][1], tmp / f".cpu-{src.name}"
+                export_static(cpu_twin(), src, level, spec["seq"], opts.opset)
+                q.quantize_int8(src, dst)
+                for f in model_files(src):
+                    (tmp / f).unlink()
+            else:  # the largest capacity's feeds, cut to this graph's buffer
+                kind = "decode" if spec["seq"] == 1 else "prefill"
+                q.quantize_qnn(src, dst, level_feeds(feeds[kind], spec), p)  # type: ignore[index]
+            files.append(dst)
+        written(p, files)
     from .mobile import mobile_ort_files, qnn_context_files, tokenizer_graphs
 
     section["required_operators"] = mobile_ort_files(tmp, section)
@@ -276,6 +323,26 @@ def _static(
     if tokenizer.is_file():
         section["tokenizer_graphs"] = tokenizer_graphs(tokenizer, tmp)
     return section
+
+
+def level_feeds(feeds: list[dict], spec: dict) -> list[dict]:
+    """Calibration feeds recorded at the largest capacity, for a graph with a smaller buffer: each buffer's first N
+    slots and the bias over them and the new tokens; feeds whose filled slots reach past N are left out."""
+    seq, n = spec["seq"], spec["inputs"][-1]["shape"][1]
+    out = []
+    for f in feeds:
+        bias = f[ATTN_BIAS]
+        top = bias.shape[-1] - seq
+        if top == n:
+            out.append(f)
+        elif not (bias[0, :, n:top] == 0).any():
+            cut = {k: v[:, :n] if k not in (INPUT_IDS, POSITION_IDS, ATTN_BIAS) else v for k, v in f.items()}
+            cut[ATTN_BIAS] = np.concatenate([bias[..., :n], bias[..., top:]], -1)
+            cut[POSITION_IDS] = np.minimum(f[POSITION_IDS], n - 1)
+            out.append(cut)
+    if not out:
+        raise ExportError(f"no calibration step fits a static buffer of {n} tokens: use a larger smallest capacity")
+    return out
 
 
 def static_calibration_feeds(

@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from mla_edge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, CacheContract, InputError
+from mla_edge.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    STATIC_ROPE_TABLES,
+    CacheContract,
+    InputError,
+)
 
 # The ops we quantize. Always passed explicitly: the default list reaches ops that break attention.
 OP_TYPES = ["MatMul", "Gather"]
@@ -70,6 +78,14 @@ def batched_weight_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(ranks.get(i, 2) > 2 for i in n.input)]
 
 
+def rope_table_gathers(path: Path) -> list[str]:
+    """Gather nodes on the static graphs' RoPE tables (contract.STATIC_ROPE_TABLES): they stay float."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in STATIC_ROPE_TABLES]
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """Per-channel int8 for 2-D weights; the 3-D per-head weights get one scale per tensor in a second pass,
     since onnxruntime's MatMulInteger takes per-channel parameters for 2-D weights only; MoE experts become QMoE.
@@ -80,9 +96,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
         quantize_int8_streaming(src, dst)
         return
     batched = batched_weight_matmuls(src)
+    tables = rope_table_gathers(src)
     pre = dst.with_name(".pre-" + dst.name) if has_experts(src) else dst
     for kw in (
-        {"src": src, "per_channel": True, "nodes_to_exclude": batched, "op_types_to_quantize": OP_TYPES},
+        {"src": src, "per_channel": True, "nodes_to_exclude": batched + tables, "op_types_to_quantize": OP_TYPES},
         {"src": pre, "per_channel": False, "nodes_to_quantize": batched, "op_types_to_quantize": ["MatMul"]},
     ):
         if kw.get("nodes_to_quantize") == []:
@@ -309,7 +326,7 @@ def quantize_int8_streaming(src: Path, dst: Path) -> None:
                 helper.make_node("Mul", [ascale, name + "_scale"], [y + "_scales"]),
                 helper.make_node("Mul", [y + "_cast", y + "_scales"], [y], node.name),
             ]
-        if node.op_type == "Gather" and w.is_float(node.input[0], (2,)):
+        if node.op_type == "Gather" and w.is_float(node.input[0], (2,)) and node.input[0] not in STATIC_ROPE_TABLES:
             name, y = node.input[0], node.output[0]
             q, scale, zp = per_tensor(w.array(name), TensorProto.UINT8, False)
             inits += [out.tensor(name + "_quantized", q.astype(np.uint8)), small(scale, name + "_scale")]

@@ -85,6 +85,9 @@ STATIC_INPUTS = (INPUT_IDS, POSITION_IDS, ATTN_BIAS)  # then the cache buffers
 STATIC_OUTPUTS = (LOGITS,)  # then the new rows
 CACHE_BUFFER, NEW_ROWS = "cache.{layer}.{kind}", "new.{layer}.{kind}"
 STATIC_GRAPHS = ("decode", "prefill")  # seq 1, and seq = the prefill chunk
+# The static graphs' RoPE rows: Gathers on constant tables of each graph's capacity. They stay float in int8 graphs
+# (quantized per column they would round differently at each capacity, and moving up would change the tokens).
+STATIC_ROPE_TABLES = ("cos_table", "sin_table")
 # The static graphs' precisions: fp32 (CPU, NNAPI, CoreML; Qualcomm's HTP runs it in its fp16 mode), int8 (dynamic
 # int8 for the CPU), and QDQ made for Qualcomm's HTP: w8a16 (8-bit weights, 16-bit activations), w4a16 (4-bit
 # weights, for phone RAM) and w8a8.
@@ -105,11 +108,24 @@ STATIC_WRITE_RULE = (
     "rows past valid are never written); position_ids[0, q] = min(length + q, N - 1)."
 )
 
+STATIC_CAPACITY_RULE = (
+    "capacities lists the buffer sizes N whose graphs the export holds, ascending; the last is capacity. A host runs "
+    "the graphs of the smallest N that holds length + valid, starting from the smallest: when a step needs more, it "
+    "makes the next N's buffers, copies slots [0, length) of every buffer into them (the rest stay 0) and goes on "
+    "there; reset returns to the smallest. A step then costs what N costs, not what the largest capacity does."
+)
+
 # ---- the export folder's manifest ------------------------------------------------------------------------------------
 MANIFEST = "mla_edge.json"
 FORMAT = "mla-edge-export"
 FORMAT_VERSION = 2
 MODEL_FILE = {p: "model.onnx" if p == "fp32" else f"model.{p}.onnx" for p in PRECISIONS}
+
+
+def static_graph_name(graph: str, capacity: int, top: int) -> str:
+    """A static graph's name in the manifest: "decode" / "prefill" at the largest capacity (what readers written
+    before capacities use), "decode-256" / "prefill-256" at a smaller one."""
+    return graph if capacity == top else f"{graph}-{capacity}"
 
 
 def static_file(graph: str, precision: str) -> str:

@@ -133,6 +133,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {
                 "protocol": {"const": "static"},
                 "capacity": INT,
+                "capacities": {"type": "array", "items": INT},
+                "capacity_rule": STR,
                 "chunk": INT,
                 "mask_value": {"type": "number"},
                 "mask_values": {"type": "object", "additionalProperties": {"type": "number"}},

@@ -27,6 +27,13 @@ def _positive(name: str, zero_ok: bool = False) -> Callable[[str], int]:
     return parse
 
 
+def _capacities(text: str) -> int | tuple[int, ...]:
+    """--static-cache: N, or several (256,1024,4096) for graphs at each capacity."""
+    one = _positive("--static-cache")
+    levels = tuple(sorted({one(t) for t in text.split(",")}))
+    return levels[0] if len(levels) == 1 else levels
+
+
 def _positive_float(name: str, zero_ok: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -260,7 +267,13 @@ def build_parser(h: Any) -> argparse.ArgumentParser:
         "--calibration-text): dynamic int8 then keeps real LLMs' quality",
     )
     p.add_argument("--no-tokenizer", action="store_true", help="export a model folder that has no tokenizer.json")
-    count(p, "--static-cache", None, "also write the static device graphs, for a latent buffer of N tokens")
+    p.add_argument(
+        "--static-cache",
+        type=_capacities,
+        metavar="N[,N...]",
+        help="also write the static device graphs, for a latent buffer of N tokens; several (256,1024,4096): graphs "
+        "for each, and the host runs the smallest that holds the sequence, so decode costs what the context uses",
+    )
     count(p, "--static-chunk", 16, "tokens per static prefill chunk")
     p.add_argument(
         "--static-quantize",

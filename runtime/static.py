@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS, InputError
+from mla_edge.contract import ATTN_BIAS, INPUT_IDS, POSITION_IDS, InputError, static_graph_name
 
 from .manifest import Manifest, ManifestError
 
@@ -110,12 +110,15 @@ def qnn_context_mismatch(ctx: dict, qnn_options: dict | None) -> str | None:
 
 
 class StaticSession:
-    """Both static graphs of one precision over an export folder, with the host-owned buffers.
+    """The static graphs of one precision over an export folder, with the host-owned buffers.
 
     prefill(ids) -> logits of the last prompt token; decode(token) -> logits of the next; reset() empties the buffers.
     It also offers LatentSession's step interface, so that Generator runs either protocol: the cache it passes
     around is only a token for the buffers kept here (batch 1).
     provider: "cpu" (or "auto"), or "qnn": Qualcomm's HTP through onnxruntime-qnn, with CPU fallback disabled.
+    An export with several capacities (manifest static.capacities) runs as STATIC_CAPACITY_RULE says: the smallest
+    buffer that holds the sequence, moving up (one copy of the rows) when it fills and back down on reset. Each
+    capacity's graphs load when first needed and stay loaded. capacity=N pins one of them (a benchmark's row).
     """
 
     def __init__(
@@ -127,11 +130,10 @@ class StaticSession:
         qnn_options: dict | None = None,
         verify: bool | str = True,
         section: dict | None = None,
+        capacity: int | None = None,
     ):
         """section: the manifest's static section, for a folder whose manifest is not written yet (the exporter's
         calibration runs the fp32 graphs this way)."""
-        from .session import physical_cores
-
         precision = precision or "fp32"
         if provider not in ("auto", "cpu", "qnn"):
             raise ManifestError(f"the static protocol runs on provider cpu or qnn, not {provider!r}")
@@ -143,11 +145,14 @@ class StaticSession:
             raise ManifestError(
                 f"precision {precision!r} has no static graphs in this export (has: {', '.join(st['files'])})"
             )
-        session_options = None
-        if provider == "qnn":  # HTP runs fp32 graphs in its fp16 mode; QDQ graphs as they are
-            options = {**(QNN_HTP_FP16 if precision == "fp32" else {}), **(qnn_options or {})}
-            session_options = qnn_session_options("htp", options)
-        self.precision, self.capacity, self.chunk = precision, st["capacity"], st["chunk"]
+        self.top = st["capacity"]
+        self.capacities = list(st.get("capacities", [self.top]))
+        if capacity is not None:
+            if capacity not in self.capacities:
+                have = ", ".join(map(str, self.capacities))
+                raise ManifestError(f"this export has static graphs for capacities {have}, not {capacity}")
+            self.capacities = [capacity]
+        self.precision, self.capacity, self.chunk = precision, self.capacities[-1], st["chunk"]
         self.max_context, self.provider = self.capacity, provider
         self.mask_value = float(st.get("mask_values", {}).get(precision, st["mask_value"]))
         self.graphs = st["graphs"]
@@ -155,58 +160,93 @@ class StaticSession:
         self.recorded: dict[str, list[dict]] | None = None  # set to {} to keep every feed (calibration)
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.notes: list[str] = []  # one line per graph that could not use its compiled QNN context
-        for name, entry in st["files"][precision].items():
+        self._files, self._threads, self._qnn, self._verify = st["files"][precision], threads, qnn_options, verify
+        self.length, self.level = 0, self.capacities[0]
+        self.buffers: dict[str, np.ndarray] = {}
+        self.reset()
+
+    def name(self, kind: str, level: int | None = None) -> str:
+        """The manifest's name of the decode or prefill graph at a capacity (the current one by default)."""
+        return static_graph_name(kind, level or self.level, self.top)
+
+    def _open(self, level: int) -> None:
+        """Both graphs of one capacity, loaded unless they are already."""
+        from .session import physical_cores
+
+        for kind in ("decode", "prefill"):
+            name = self.name(kind, level)
+            if name in self.sessions:
+                continue
+            entry = self._files[name]
             ctx = entry.get("qnn_context")
-            why = qnn_context_mismatch(ctx, qnn_options) if provider == "qnn" and ctx else None
-            use_ctx = provider == "qnn" and ctx and why is None
+            why = qnn_context_mismatch(ctx, self._qnn) if self.provider == "qnn" and ctx else None
+            use_ctx = self.provider == "qnn" and ctx and why is None
             if why:
                 self.notes.append(f"not using the QNN context {ctx['path']}: {why}; compiling {entry['path']} instead")
                 logging.getLogger("mla_edge").warning(self.notes[-1])
-            path = self.manifest.verified_path(ctx if use_ctx else entry, verify)  # compiled once: no compile here
-            so = session_options
-            if so is None:
+            path = self.manifest.verified_path(ctx if use_ctx else entry, self._verify)  # compiled once: no compile
+            if self.provider == "qnn":  # HTP runs fp32 graphs in its fp16 mode; QDQ graphs as they are
+                fp16 = QNN_HTP_FP16 if self.precision == "fp32" else {}
+                so = qnn_session_options("htp", {**fp16, **(self._qnn or {})})
+                kw = {}  # the provider is in the session options
+            else:
                 so = ort.SessionOptions()
-                so.intra_op_num_threads = threads or physical_cores()
+                so.intra_op_num_threads = self._threads or physical_cores()
                 so.log_severity_level = 3
-            try:  # with session options from qnn_session_options, the provider is in them
-                kw = {} if session_options is not None else {"providers": ["CPUExecutionProvider"]}
+                kw = {"providers": ["CPUExecutionProvider"]}
+            try:
                 with native_chatter():
                     self.sessions[name] = ort.InferenceSession(str(path), so, **kw)
             except Exception as e:  # onnxruntime's own error types
                 raise ManifestError(f"onnxruntime cannot load {path.name}: {e}") from None
-        spec = self.graphs["decode"]["inputs"][len((INPUT_IDS, POSITION_IDS, ATTN_BIAS)) :]
-        self.buffer_specs = [(v["name"], v["shape"], np.dtype(v["dtype"])) for v in spec]
-        self.reset()
+
+    def _buffers(self, level: int) -> dict[str, np.ndarray]:
+        spec = self.graphs[self.name("decode", level)]["inputs"][len((INPUT_IDS, POSITION_IDS, ATTN_BIAS)) :]
+        return {v["name"]: np.zeros(v["shape"], np.dtype(v["dtype"])) for v in spec}
+
+    def _move(self, level: int) -> None:
+        """To a larger capacity: its graphs, its buffers, and the filled slots copied over (STATIC_CAPACITY_RULE)."""
+        self._open(level)
+        buffers = self._buffers(level)
+        for name, b in buffers.items():
+            b[:, : self.length] = self.buffers[name][:, : self.length]
+        self.level, self.buffers = level, buffers
 
     def reset(self) -> None:
-        self.buffers = {n: np.zeros(shape, dt) for n, shape, dt in self.buffer_specs}
+        self.level = self.capacities[0]
+        self._open(self.level)
+        self.buffers = self._buffers(self.level)
         self.length = 0
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the fixed buffers (what the device holds whatever the length)."""
+        """Bytes of the buffers now held (what the device holds whatever the length, at this capacity)."""
         return sum(b.nbytes for b in self.buffers.values())
 
-    def _run(self, graph: str, ids: list[int]) -> np.ndarray:
+    def _run(self, kind: str, ids: list[int]) -> np.ndarray:
         """One graph call on up to seq tokens; returns the logits of the valid ones (valid, V)."""
-        seq, valid = self.graphs[graph]["seq"], len(ids)
+        valid = len(ids)
         if self.length + valid > self.capacity:
             raise CapacityError(
                 f"the static cache holds {self.capacity} tokens and is full (re-export with a larger --static-cache)"
             )
+        if self.length + valid > self.level:
+            self._move(next(c for c in self.capacities if c >= self.length + valid))
+        graph, n = self.name(kind), self.level
+        seq = self.graphs[graph]["seq"]
         feed = {
             INPUT_IDS: np.zeros((1, seq), np.int32),
             POSITION_IDS: np.zeros((1, seq), np.int32),
-            ATTN_BIAS: static_bias(self.length, valid, seq, self.capacity, self.mask_value),
+            ATTN_BIAS: static_bias(self.length, valid, seq, n, self.mask_value),
             **self.buffers,
         }
         feed[INPUT_IDS][0, :valid] = ids
-        feed[POSITION_IDS][0] = np.minimum(self.length + np.arange(seq), self.capacity - 1)
+        feed[POSITION_IDS][0] = np.minimum(self.length + np.arange(seq), n - 1)
         if self.recorded is not None:
             self.recorded.setdefault(graph, []).append({k: v.copy() for k, v in feed.items()})
         outs = self.sessions[graph].run(None, feed)
-        for name, rows in zip(self.buffer_specs, outs[1:]):  # the write rule: rows [0, valid) at [length, +valid)
-            self.buffers[name[0]][0, self.length : self.length + valid] = rows[0, :valid]
+        for name, rows in zip(self.buffers, outs[1:]):  # the write rule: rows [0, valid) at [length, +valid)
+            self.buffers[name][0, self.length : self.length + valid] = rows[0, :valid]
         self.length += valid
         return outs[0][0, :valid]
 

@@ -137,6 +137,8 @@ def record(export: Path, out: Path, prompts: list[dict], resumes: list[dict] = (
     sess = gen.session
     calls: list = []
     detok: list = []
+    for level in sess.capacities:  # every capacity's graphs, loaded now so that each is recorded
+        sess._open(level)
     for g in list(sess.sessions):
         sess.sessions[g] = _Recorder(g, sess.sessions[g], calls)
     if gen.tokenizer is not None:
@@ -188,8 +190,9 @@ def record(export: Path, out: Path, prompts: list[dict], resumes: list[dict] = (
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory, demo_static) -> Path:
     """Two exports' traces: the demo model's static export (capacity 256, chunks of 16; conftest's) and a tiny
-    DeepseekV3 with a byte-level tokenizer that splits multi-byte characters (capacity 40, chunks of 8). Per export: a
-    prompt that crosses a prefill-chunk boundary (eos on), and one that runs the buffer to its last slot."""
+    DeepseekV3 with a byte-level tokenizer that splits multi-byte characters (capacities 16 and 40, chunks of 8: every
+    prompt moves from the 16-slot graphs to the 40-slot ones). Per export: a prompt that crosses a prefill-chunk
+    boundary (eos on), and one that runs the buffer to its last slot."""
     root = tmp_path_factory.mktemp("android-traces")
     demo = demo_static
     gen = Generator(demo, "fp32", provider="cpu", protocol="static")
@@ -210,7 +213,7 @@ def traces(tmp_path_factory, demo_static) -> Path:
     hf = save_hf(hf_model(q_lora_rank=12, vocab_size=320, max_position_embeddings=64), root / "hf")
     make_tokenizer(hf / "tokenizer.json")
     tiny = root / "tiny-export"
-    opts = ExportOptions(quantize=(), progress=False, ort_format=False, static_cache=40, static_chunk=8)
+    opts = ExportOptions(quantize=(), progress=False, ort_format=False, static_cache=(16, 40), static_chunk=8)
     export_folder(hf, tiny, opts)
     rng = np.random.default_rng(3)
     record(

@@ -28,6 +28,10 @@ class ExportManifest(val folder: File, json: JSONObject) {
     private val static: JSONObject = json.optJSONObject("static")
         ?: throw IllegalStateException("$folder has no static protocol: export it with --static-cache N")
     val capacity = static.getInt("capacity")
+
+    /** The buffer sizes whose graphs the export holds, ascending; the last is capacity (exports before capacities:
+     *  capacity alone). */
+    val capacities: List<Int> = static.optJSONArray("capacities")?.let { a -> (0 until a.length()).map { a.getInt(it) } } ?: listOf(capacity)
     val chunk = static.getInt("chunk")
     private val maskValues = static.optJSONObject("mask_values")
     private val defaultMask = static.getDouble("mask_value").toFloat()

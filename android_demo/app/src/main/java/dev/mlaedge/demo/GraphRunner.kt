@@ -33,4 +33,7 @@ interface GraphRunner : AutoCloseable {
 
     /** One call of the graph over its bound tensors; the outputs are in their buffers when it returns. */
     fun run(graph: String)
+
+    /** The engine no longer runs this graph (it moved to another capacity): what the runner holds for it may go. */
+    fun release(graph: String) {}
 }

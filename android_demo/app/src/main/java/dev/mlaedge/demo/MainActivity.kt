@@ -63,8 +63,8 @@ class MainActivity : Activity() {
         val key = "$provider/$precision"
         engine?.let { (k, e) -> if (k == key) return e else e.close() }
         val runner = OrtGraphRunner(env, m, precision, provider, device, bigCoreCount())
-        runner.notes.forEach { note -> runOnUiThread { stats.append("\n$note") } }
-        return StaticEngine(m, precision, runner).also { engine = key to it }
+        return StaticEngine(m, precision, runner).also { engine = key to it } // binds the smallest capacity's graphs
+            .also { runner.notes.forEach { note -> runOnUiThread { stats.append("\n$note") } } }
     }
 
     private fun run(m: ExportManifest, provider: Provider, precision: String, prompt: String, maxNew: Int,
@@ -82,7 +82,7 @@ class MainActivity : Activity() {
                 stats.append(
                     "%s %s | prefill %.0f ms | decode %.1f tok/s | latent buffer %.1f KiB for %d slots (%d used; MHA would hold %.1f KiB for them) | app PSS %.0f MiB"
                         .format(provider, precision, r.prefillNanos / 1e6, decodeRate, engine.cacheBytes / 1024.0,
-                            engine.capacity, engine.length, mha / 1024.0, pss)
+                            engine.levelCapacity, engine.length, mha / 1024.0, pss)
                 )
             }
         } catch (e: Exception) {
