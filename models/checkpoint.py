@@ -238,6 +238,8 @@ def read_state_dict(
                     if not t.is_floating_point():
                         raise CheckpointError(f"tensor {n!r} has dtype {t.dtype}; expected a float tensor")
                     state[n] = t if dtype is None else t.to(dtype)
+            if interrupted:  # a signal whose exception torch's C code swallowed outright: raise it now (its handler
+                interrupted[0]()  # has already run once, so the export would otherwise go on with SIGTERM ignored)
         except CheckpointError:
             raise
         except Exception as e:
