@@ -267,11 +267,9 @@ def _static(
     cpu_twin = functools.cache(lambda: twin(device_ops=False))
     levels, c = static_capacities(opts.static_cache), opts.static_chunk
     n = levels[-1]
-    graphs = {
-        static_graph_name(kind, level, n): static_graph(contract, cfg.vocab_size, level, seq)
-        for level in levels
-        for kind, seq in (("decode", 1), ("prefill", c))
-    }
+    kinds = (("decode", 1), ("prefill", c))
+    plan = [(static_graph_name(kind, level, n), kind, level, seq) for level in levels for kind, seq in kinds]
+    graphs = {name: static_graph(contract, cfg.vocab_size, level, seq) for name, _, level, seq in plan}
     section: dict[str, Any] = {
         "protocol": "static",
         "capacity": n,
@@ -290,11 +288,7 @@ def _static(
             share_weights(files, tmp / static_file("weights", p).replace(".onnx", ".data"))
         section["files"][p] = {name: file_entry(tmp, p, model_files(f)) for name, f in zip(graphs, files)}
 
-    files = []
-    for name, spec in graphs.items():
-        level = spec["inputs"][-1]["shape"][1]  # a buffer's slots
-        files.append(export_static(device, tmp / static_file(name, "fp32"), level, spec["seq"], opts.opset))
-    written("fp32", files)
+    written("fp32", [export_static(device, tmp / static_file(g, "fp32"), lv, sq, opts.opset) for g, _, lv, sq in plan])
     feeds = None
     for p in opts.static_quantize:
         if p in q.QNN_QDQ and feeds is None:  # the fp32 graphs fed the QDQ graphs' mask (all QDQ share it)
@@ -302,17 +296,15 @@ def _static(
             session.mask_value = STATIC_MASK_VALUES[p]
             feeds = static_calibration_feeds(session, tokenizer, calib)
         files = []
-        for name, spec in graphs.items():
+        for name, kind, level, seq in plan:
             src, dst = tmp / static_file(name, "fp32"), tmp / static_file(name, p)
             if p == "int8":  # for the CPU: traced from a twin whose norms onnxruntime fuses into one op each
-                level, src = spec["inputs"][-1]["shape"][1], tmp / f".cpu-{src.name}"
-                export_static(cpu_twin(), src, level, spec["seq"], opts.opset)
+                src = export_static(cpu_twin(), tmp / f".cpu-{src.name}", level, seq, opts.opset)
                 q.quantize_int8(src, dst)
                 for f in model_files(src):
                     (tmp / f).unlink()
             else:  # the largest capacity's feeds, cut to this graph's buffer
-                kind = "decode" if spec["seq"] == 1 else "prefill"
-                q.quantize_qnn(src, dst, level_feeds(feeds[kind], spec), p)  # type: ignore[index]
+                q.quantize_qnn(src, dst, level_feeds(feeds[kind], seq, level), p)  # type: ignore[index]
             files.append(dst)
         written(p, files)
     from .mobile import mobile_ort_files, qnn_context_files, tokenizer_graphs
@@ -325,10 +317,9 @@ def _static(
     return section
 
 
-def level_feeds(feeds: list[dict], spec: dict) -> list[dict]:
+def level_feeds(feeds: list[dict], seq: int, n: int) -> list[dict]:
     """Calibration feeds recorded at the largest capacity, for a graph with a smaller buffer: each buffer's first N
     slots and the bias over them and the new tokens; feeds whose filled slots reach past N are left out."""
-    seq, n = spec["seq"], spec["inputs"][-1]["shape"][1]
     out = []
     for f in feeds:
         bias = f[ATTN_BIAS]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mla_edge.contract import InputError
+from mla_edge.contract import InputError, static_graph_name
 
 from .manifest import Manifest
 from .memory import cli_command, peak_rss_bytes, rss_bytes, run_generate
@@ -327,9 +327,8 @@ def run_bench(
             if name.startswith("static-"):  # the static protocol's graphs (one capacity's with @N), weights once
                 prec, _, pin = name[7:].partition("@")
                 st = manifest.data["static"]
-                graphs = [g for g in st["graphs"] if not pin or g in (f"decode-{pin}", f"prefill-{pin}")]
-                if pin and int(pin) == st["capacity"]:
-                    graphs = ["decode", "prefill"]
+                levels = [int(pin)] if pin else st.get("capacities", [st["capacity"]])
+                graphs = [static_graph_name(k, n, st["capacity"]) for n in levels for k in ("decode", "prefill")]
                 files = {f["path"]: f["bytes"] for g in graphs for f in st["files"][prec][g]["files"]}
                 r["model_bytes"] = sum(files.values())
             else:
